@@ -1,0 +1,48 @@
+// What the vCPU loop knows about devices: ranges on the MMIO or port-I/O bus.
+// The core never names a device (the kvmtool habit): a device is inserted into
+// a Bus at set-up, and exits are routed by address alone.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+
+namespace vmlet {
+
+class BusDevice {
+ public:
+  virtual ~BusDevice() = default;
+  // offset is relative to the device's base; len is 1, 2, 4 or 8. A device
+  // must fill data on Read whatever the offset (unknown registers read as 0).
+  // Called on a vCPU thread; a device shared by several vCPUs locks itself.
+  virtual void Read(uint64_t offset, uint8_t* data, uint32_t len) = 0;
+  virtual void Write(uint64_t offset, const uint8_t* data, uint32_t len) = 0;
+};
+
+// Set up before the first vCPU runs, read-only after: lookups take no lock.
+class Bus {
+ public:
+  // Returns false when the range overlaps one already inserted.
+  bool Insert(uint64_t base, uint64_t size, std::shared_ptr<BusDevice> dev);
+  // false: no device there (the caller decides what an unclaimed access means).
+  bool Read(uint64_t addr, uint8_t* data, uint32_t len) const;
+  bool Write(uint64_t addr, const uint8_t* data, uint32_t len) const;
+
+ private:
+  struct Range {
+    uint64_t size;
+    std::shared_ptr<BusDevice> dev;
+  };
+  const std::pair<const uint64_t, Range>* Find(uint64_t addr, uint32_t len) const;
+  std::map<uint64_t, Range> ranges_;
+};
+
+// An interrupt a device can raise from any thread. On KVM this is an irqfd
+// (an eventfd write: thread-safe, no ioctl on the hot path); tests count calls.
+class IrqLine {
+ public:
+  virtual ~IrqLine() = default;
+  virtual void Trigger() = 0;
+};
+
+}  // namespace vmlet

@@ -1,0 +1,91 @@
+#include "core/guest_memory.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "core/error.h"
+
+namespace vmlet {
+
+namespace {
+constexpr uint64_t kPage = 4096;
+}
+
+GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const std::string& name) {
+  if (layout.empty()) throw VmmError(ErrorKind::Memory, "create guest memory", "no regions given");
+  for (auto& [gpa, size] : layout) {
+    if (size == 0 || size % kPage || gpa % kPage || gpa + size < gpa)
+      throw VmmError(ErrorKind::Memory, "create guest memory",
+                     "region at " + std::to_string(gpa) + " of " + std::to_string(size) + " bytes is not page aligned");
+    total_ += size;
+  }
+  fd_ = memfd_create(name.c_str(), MFD_CLOEXEC);
+  if (fd_ < 0) throw SysError(ErrorKind::Memory, "memfd_create for guest RAM");
+  if (ftruncate(fd_, static_cast<off_t>(total_)) != 0) {
+    auto e = SysError(ErrorKind::Memory, "size guest RAM memfd", std::to_string(total_) + " bytes");
+    close(fd_);
+    throw e;
+  }
+  uint64_t off = 0;
+  for (auto& [gpa, size] : layout) {
+    // MAP_NORESERVE: guests touch a fraction of their RAM; pages come on demand.
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd_, static_cast<off_t>(off));
+    if (p == MAP_FAILED) {
+      auto e = SysError(ErrorKind::Memory, "mmap guest RAM", std::to_string(size) + " bytes");
+      for (auto& r : regions_) munmap(r.host, r.size);
+      close(fd_);
+      throw e;
+    }
+    regions_.push_back(MemoryRegion{gpa, size, static_cast<uint8_t*>(p), off});
+    off += size;
+  }
+}
+
+GuestMemory::~GuestMemory() {
+  for (auto& r : regions_) munmap(r.host, r.size);
+  if (fd_ >= 0) close(fd_);
+}
+
+std::optional<GuestSpan> GuestMemory::Slice(uint64_t gpa, uint64_t len) const {
+  for (const auto& r : regions_) {
+    if (gpa < r.gpa) continue;
+    uint64_t off = gpa - r.gpa;
+    if (off >= r.size) continue;
+    // off < size, so size - off cannot underflow; comparing this way never overflows.
+    if (len > r.size - off) return std::nullopt;
+    return GuestSpan{r.host + off, len};
+  }
+  return std::nullopt;
+}
+
+bool GuestMemory::Read(uint64_t gpa, void* dst, uint64_t len) const {
+  auto s = Slice(gpa, len);
+  if (!s) return false;
+  if (len) std::memcpy(dst, s->data, len);
+  return true;
+}
+
+bool GuestMemory::Write(uint64_t gpa, const void* src, uint64_t len) {
+  auto s = Slice(gpa, len);
+  if (!s) return false;
+  if (len) std::memcpy(s->data, src, len);
+  return true;
+}
+
+bool GuestMemory::LoadU16Acquire(uint64_t gpa, uint16_t* out) const {
+  if (gpa & 1) return false;
+  auto s = Slice(gpa, 2);
+  if (!s) return false;
+  *out = __atomic_load_n(reinterpret_cast<const uint16_t*>(s->data), __ATOMIC_ACQUIRE);
+  return true;
+}
+
+bool GuestMemory::StoreU16Release(uint64_t gpa, uint16_t v) {
+  if (gpa & 1) return false;
+  auto s = Slice(gpa, 2);
+  if (!s) return false;
+  __atomic_store_n(reinterpret_cast<uint16_t*>(s->data), v, __ATOMIC_RELEASE);
+  return true;
+}
+
+}  // namespace vmlet

@@ -1,0 +1,82 @@
+// Guest RAM and the one accessor through which every device touches it.
+//
+// Hazard this file exists for: every address a device reads from a virtqueue
+// is chosen by the guest. A descriptor may point past RAM, straddle two
+// regions, or wrap around 2^64. Nothing outside this class may turn a guest
+// physical address into a host pointer; everything here checks the whole
+// range [gpa, gpa+len) with overflow-safe arithmetic first, and a range that
+// crosses a region boundary is refused (regions are not contiguous on the host).
+//
+// RAM is backed by a memfd (MAP_SHARED) so a snapshot can later write it out
+// or map it copy-on-write without copying up front.
+#pragma once
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace vmlet {
+
+struct MemoryRegion {
+  uint64_t gpa = 0;     // guest physical start
+  uint64_t size = 0;    // bytes
+  uint8_t* host = nullptr;
+  uint64_t fd_offset = 0;  // offset of this region in the backing memfd
+};
+
+// A checked view of guest memory: valid only while the GuestMemory lives.
+struct GuestSpan {
+  uint8_t* data = nullptr;
+  uint64_t size = 0;
+};
+
+class GuestMemory {
+ public:
+  // Layout: the caller passes (gpa, size) pairs; all are carved from one memfd.
+  // Sizes must be page multiples. Throws VmmError(Memory) on failure.
+  explicit GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout,
+                       const std::string& name = "vmlet-guest-ram");
+  ~GuestMemory();
+  GuestMemory(const GuestMemory&) = delete;
+  GuestMemory& operator=(const GuestMemory&) = delete;
+
+  const std::vector<MemoryRegion>& regions() const { return regions_; }
+  int fd() const { return fd_; }
+  uint64_t total_size() const { return total_; }
+
+  // The single checked translation. nullopt when any byte of the range is
+  // outside one region, or gpa+len overflows. len == 0 is valid only inside RAM.
+  std::optional<GuestSpan> Slice(uint64_t gpa, uint64_t len) const;
+
+  [[nodiscard]] bool Read(uint64_t gpa, void* dst, uint64_t len) const;
+  [[nodiscard]] bool Write(uint64_t gpa, const void* src, uint64_t len);
+
+  template <typename T>
+  [[nodiscard]] bool ReadObj(uint64_t gpa, T* out) const {
+    static_assert(std::is_trivially_copyable<T>::value, "plain data only");
+    return Read(gpa, out, sizeof(T));
+  }
+  template <typename T>
+  [[nodiscard]] bool WriteObj(uint64_t gpa, const T& v) {
+    static_assert(std::is_trivially_copyable<T>::value, "plain data only");
+    return Write(gpa, &v, sizeof(T));
+  }
+
+  // Ring indexes are shared with a guest running on another CPU: reads of the
+  // guest's index need acquire ordering, our index updates need release, or the
+  // guest can observe an index before the entries it covers. Alignment is
+  // checked because a misaligned 16-bit access is not single-copy atomic.
+  [[nodiscard]] bool LoadU16Acquire(uint64_t gpa, uint16_t* out) const;
+  [[nodiscard]] bool StoreU16Release(uint64_t gpa, uint16_t v);
+
+ private:
+  int fd_ = -1;
+  uint64_t total_ = 0;
+  std::vector<MemoryRegion> regions_;
+};
+
+}  // namespace vmlet
