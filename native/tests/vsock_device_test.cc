@@ -514,3 +514,26 @@ TEST_CASE("vsock: shutdown joins the event thread with connections open") {
   close(listener);
   unlink(path.c_str());
 }
+
+TEST_CASE("vsock: transport reset event drops connections and reaches the event queue") {
+  Guest g;
+  std::string path = g.uds + "_15";
+  g.extra_paths.push_back(path);
+  int listener = ListenUnix(path);
+  int host = GuestConnect(g, listener, 15);
+  EXPECT(!VsockSendTransportReset(*g.dev));  // no event buffer posted yet
+  EXPECT(g.mem.WriteObj<uint32_t>(0x20000, 0xffffffff));
+  g.ev.Add({{0x20000, 8, true}});
+  g.drv->Notify(2);
+  EXPECT(VsockSendTransportReset(*g.dev));
+  auto u = g.ev.PopUsed();
+  EXPECT_EQ(u.len, 4u);
+  uint32_t id = 1;
+  EXPECT(g.mem.ReadObj(0x20000, &id));
+  EXPECT_EQ(id, vsock::kEventTransportReset);
+  char b;
+  EXPECT(WaitReadable(host, 2000));
+  EXPECT_EQ(read(host, &b, 1), 0);  // the host side of the connection is gone
+  close(host);
+  close(listener);
+}

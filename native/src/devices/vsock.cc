@@ -173,6 +173,27 @@ class VirtioVsock : public VirtioDevice {
     irq_.reset();
   }
 
+  bool SendTransportReset() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!active_ || !event_ || !event_->ready) return false;
+    ChainLimits limits;
+    DescriptorChain chain;
+    for (;;) {
+      PopResult r = event_->Pop(*mem_, limits, &chain);
+      if (r == PopResult::kEmpty) return false;
+      if (r == PopResult::kBrokenRing) return Broken(), false;
+      if (r == PopResult::kChain && chain.readable.empty() && chain.writable_bytes >= 4) break;
+      if (!event_->AddUsed(*mem_, chain.head, 0)) return Broken(), false;
+    }
+    while (!conns_.empty()) Close(*conns_.begin()->second, false);
+    control_.clear();
+    uint32_t id = kEventTransportReset;
+    chain.WriteTo(0, &id, sizeof id);
+    if (!event_->AddUsed(*mem_, chain.head, sizeof id)) return Broken(), false;
+    if (event_->NeedsInterrupt(*mem_)) irq_->SignalUsedBuffer();
+    return true;
+  }
+
   void Shutdown() override {
     if (!thread_.joinable()) return;
     stop_ = true;
@@ -707,6 +728,14 @@ int Listen(const std::string& path) {
 }
 
 }  // namespace
+
+bool VsockSendTransportReset(VirtioDevice& device) {
+  auto* v = dynamic_cast<VirtioVsock*>(&device);
+  if (!v)
+    throw VmmError(ErrorKind::InvalidArgument, "send vsock transport reset",
+                   "device " + std::to_string(device.device_id()) + " is not virtio-vsock");
+  return v->SendTransportReset();
+}
 
 std::shared_ptr<VirtioDevice> MakeVirtioVsock(const VsockConfig& cfg) {
   if (cfg.guest_cid < 3 || cfg.guest_cid > 0xfffffffeull)

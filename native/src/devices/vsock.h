@@ -24,6 +24,13 @@ struct VsockConfig {
 // and starts the device's event-loop thread. Throws VmmError(Device).
 std::shared_ptr<virtio::VirtioDevice> MakeVirtioVsock(const VsockConfig& config);
 
+// After a snapshot restore the guest's connections refer to host sockets that
+// no longer exist: drops every connection and puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+// in the event queue, after which the guest driver resets its sockets and
+// re-reads the CID. false when `device` is not live vsock or the guest has
+// posted no event buffer. Throws VmmError(InvalidArgument) for another device type.
+bool VsockSendTransportReset(virtio::VirtioDevice& device);
+
 namespace vsock {
 // Wire constants, shared with the tests (virtio 1.x 5.10.6).
 inline constexpr uint32_t kDeviceId = 19;
