@@ -143,6 +143,20 @@ TEST_CASE("hostile ring: chain over 8 MiB") {
   rig.ExpectRefused(0);
 }
 
+TEST_CASE("hostile ring: a descriptor above blk's SIZE_MAX is refused") {
+  Rig rig(16);
+  rig.ring.SetDesc(0, kHeader, 16, kDescFlagNext, 1);
+  rig.ring.SetDesc(1, kData, blk::kSizeMax + 512, kDescFlagNext | kDescFlagWrite, 2);
+  rig.ring.SetDesc(2, kStatus, 1, kDescFlagWrite, 0);
+  rig.ExpectRefused(0);
+  // Exactly SIZE_MAX is fine.
+  rig.ring.SetDesc(1, kData, blk::kSizeMax, kDescFlagNext | kDescFlagWrite, 2);
+  EXPECT(rig.mem.WriteObj<uint8_t>(kStatus, 0xff));
+  rig.ring.Publish(0);
+  rig.drv->Notify(0);
+  EXPECT_EQ(rig.ring.PopUsed().len, blk::kSizeMax + 1);
+}
+
 TEST_CASE("hostile ring: zero-length buffers") {
   Rig rig;
   rig.ring.SetDesc(0, kHeader, 16, kDescFlagNext, 1);

@@ -51,6 +51,11 @@ constexpr uint64_t kTokenWake = 0;
 constexpr uint64_t kTokenListener = 1;
 constexpr uint32_t kFirstHostPort = 1u << 30;  // host-initiated local ports, as Firecracker
 constexpr size_t kConnectLineMax = 64;
+// A guest (or local client) opening connections without end would exhaust
+// the VMM's fds; a guest sending to unknown ports without posting RX buffers
+// would grow the RST backlog without end. Both are bounded.
+constexpr size_t kMaxConnections = 1024;
+constexpr size_t kMaxQueuedUnknownRsts = 1024;
 // Tell the guest about freed buffer space once a quarter of it is free again,
 // so a sender blocked on credit restarts long before it drains.
 constexpr uint32_t kCreditUpdateThreshold = kHostBufAlloc / 4;
@@ -247,12 +252,12 @@ class VirtioVsock : public VirtioDevice {
       // A packet whose length lies about its buffer leaves the stream in an
       // unknown state: the connection cannot continue.
       if (c) return Close(*c, true);
-      if (h.op != kOpRst) QueueControl(h.dst_port, h.src_port, kOpRst, 0);
+      if (h.op != kOpRst) QueueUnknownRst(h.dst_port, h.src_port);
       return;
     }
     if (h.op == kOpRequest) return HandleRequest(h, c);
     if (!c) {
-      if (h.op != kOpRst) QueueControl(h.dst_port, h.src_port, kOpRst, 0);
+      if (h.op != kOpRst) QueueUnknownRst(h.dst_port, h.src_port);
       return;
     }
     uint32_t old_credit = c->PeerCredit();
@@ -284,6 +289,7 @@ class VirtioVsock : public VirtioDevice {
 
   void HandleRequest(const PacketHeader& h, Conn* existing) {
     if (existing) return Close(*existing, true);
+    if (conns_.size() >= kMaxConnections) return QueueUnknownRst(h.dst_port, h.src_port);
     std::string path = cfg_.uds_path + "_" + std::to_string(h.dst_port);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     sockaddr_un addr{};
@@ -292,12 +298,12 @@ class VirtioVsock : public VirtioDevice {
     // guest's connect() fails with ECONNRESET, as with no listener on Linux.
     if (fd < 0 || path.size() >= sizeof addr.sun_path) {
       if (fd >= 0) close(fd);
-      return QueueControl(h.dst_port, h.src_port, kOpRst, 0);
+      return QueueUnknownRst(h.dst_port, h.src_port);
     }
     std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
     if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
       close(fd);
-      return QueueControl(h.dst_port, h.src_port, kOpRst, 0);
+      return QueueUnknownRst(h.dst_port, h.src_port);
     }
     Conn& c = Add(fd);
     c.local_port = h.dst_port;
@@ -392,6 +398,11 @@ class VirtioVsock : public VirtioDevice {
 
   void QueueControl(uint32_t local_port, uint32_t peer_port, uint16_t op, uint32_t flags) {
     control_.push_back(Control{local_port, peer_port, op, flags});
+  }
+  // An RST for a connection we never had is advisory: past the bound it is
+  // dropped (the guest's connect then times out instead of failing fast).
+  void QueueUnknownRst(uint32_t local_port, uint32_t peer_port) {
+    if (control_.size() < kMaxQueuedUnknownRsts) QueueControl(local_port, peer_port, kOpRst, 0);
   }
 
   // Pops one RX chain able to hold a header. nullopt: none (or the ring broke).
@@ -520,6 +531,10 @@ class VirtioVsock : public VirtioDevice {
     for (;;) {
       int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) return;
+      if (conns_.size() >= kMaxConnections) {
+        close(fd);
+        continue;
+      }
       Conn& c = Add(fd);
       c.state = ConnState::kAwaitConnectLine;
       UpdateInterest(c);
