@@ -67,7 +67,9 @@ MmioTransport::MmioTransport(std::shared_ptr<VirtioDevice> dev, GuestMemory* mem
   device_features_ = dev_->device_features() | kFeatureVersion1;
 }
 
-MmioTransport::~MmioTransport() = default;
+// The queues die with us: a device whose own thread outlives the transport
+// (a vsock device not yet shut down) must let go of them first.
+MmioTransport::~MmioTransport() { dev_->Reset(); }
 
 uint32_t MmioTransport::status() const { return shared_->status.load(); }
 
