@@ -108,8 +108,8 @@ struct Guest {
   std::map<uint16_t, uint64_t> rx_addr;  // head -> buffer
   uint32_t next_rx_buf = 0, next_tx_buf = 0;
 
-  explicit Guest(uint32_t rx_buf_size = kRxBufSize) : rx_buf_size_(rx_buf_size) {
-    dev = MakeVirtioVsock({kGuestCid, uds});
+  explicit Guest(uint32_t rx_buf_size = kRxBufSize, uint32_t connect_timeout_ms = 10000) : rx_buf_size_(rx_buf_size) {
+    dev = MakeVirtioVsock({kGuestCid, uds, connect_timeout_ms});
     transport = std::make_unique<MmioTransport>(dev, &mem, irq);
     drv = std::make_unique<MmioDriver>(*transport);
     EXPECT(drv->Negotiate(virtio::kFeatureVersion1));
@@ -536,4 +536,25 @@ TEST_CASE("vsock: transport reset event drops connections and reaches the event 
   EXPECT_EQ(read(host, &b, 1), 0);  // the host side of the connection is gone
   close(host);
   close(listener);
+}
+
+TEST_CASE("vsock: a host client the guest never answers, or that never sends CONNECT, is closed in time") {
+  Guest g(kRxBufSize, 300);
+  int silent = ConnectUnix(g.uds);  // never writes its CONNECT line
+  int client = ConnectUnix(g.uds);
+  EXPECT(write(client, "CONNECT 60\n", 11) == 11);
+  auto req = g.Expect(vsock::kOpRequest);  // ... and the guest never answers it
+  auto t0 = std::chrono::steady_clock::now();
+  char b;
+  EXPECT(WaitReadable(client, 3000));
+  EXPECT_EQ(read(client, &b, 1), 0);
+  EXPECT(WaitReadable(silent, 3000));
+  EXPECT_EQ(read(silent, &b, 1), 0);
+  EXPECT(std::chrono::steady_clock::now() - t0 < std::chrono::seconds(3));
+  // The guest is told to forget the REQUEST it did not answer.
+  auto rst = g.Expect(vsock::kOpRst);
+  EXPECT_EQ(rst.h.src_port, req.h.src_port);
+  EXPECT_EQ(rst.h.dst_port, 60u);
+  close(client);
+  close(silent);
 }

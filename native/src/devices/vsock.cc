@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -91,6 +92,7 @@ struct Conn {
   bool shut_wr_done = false;
   bool rx_starved = false;          // wanted to send, no RX buffer: wait for the guest's kick
   uint32_t epoll_events = 0;        // 0: not in the epoll set
+  std::chrono::steady_clock::time_point since;  // accepted / REQUEST sent (host-initiated only)
 
   size_t PendingBytes() const { return pending_out.size() - pending_off; }
   uint32_t PeerCredit() const {
@@ -537,6 +539,7 @@ class VirtioVsock : public VirtioDevice {
       }
       Conn& c = Add(fd);
       c.state = ConnState::kAwaitConnectLine;
+      c.since = std::chrono::steady_clock::now();
       UpdateInterest(c);
     }
   }
@@ -568,6 +571,7 @@ class VirtioVsock : public VirtioDevice {
     c.local_port = local;
     c.peer_port = port;
     c.state = ConnState::kAwaitResponse;
+    c.since = std::chrono::steady_clock::now();
     by_key_[Key(local, port)] = c.id;
     QueueControl(local, port, kOpRequest, 0);
     FlushControl();
@@ -634,15 +638,46 @@ class VirtioVsock : public VirtioDevice {
     rx_used_ = false;
   }
 
+  // Host-initiated connections still in their handshake, oldest first, decide
+  // how long the loop may sleep.
+  int NextTimeoutMs() {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto now = std::chrono::steady_clock::now();
+    auto limit = std::chrono::milliseconds(cfg_.connect_timeout_ms);
+    int64_t best = -1;
+    for (auto& [id, c] : conns_) {
+      if (c->state == ConnState::kEstablished) continue;
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(c->since + limit - now).count();
+      left = std::max<int64_t>(left, 0);
+      best = best < 0 ? left : std::min<int64_t>(best, left);
+    }
+    return best < 0 ? -1 : static_cast<int>(best) + 1;
+  }
+
+  void ExpireHandshakes() {
+    auto now = std::chrono::steady_clock::now();
+    auto limit = std::chrono::milliseconds(cfg_.connect_timeout_ms);
+    for (auto it = conns_.begin(); it != conns_.end();) {
+      Conn& c = *it->second;
+      ++it;  // Close erases c
+      if (c.state != ConnState::kEstablished && now - c.since >= limit) {
+        // The guest may still answer the REQUEST: an RST makes it forget it.
+        bool requested = c.state == ConnState::kAwaitResponse;
+        Close(c, requested);
+      }
+    }
+  }
+
   void Loop() {
     epoll_event events[64];
     while (!stop_) {
-      int n = epoll_wait(epoll_fd_, events, 64, -1);
+      int n = epoll_wait(epoll_fd_, events, 64, NextTimeoutMs());
       if (n < 0) {
         if (errno == EINTR) continue;
         return;
       }
       std::lock_guard<std::mutex> lock(mu_);
+      ExpireHandshakes();
       for (int i = 0; i < n && !stop_; i++) {
         uint64_t token = events[i].data.u64;
         if (token == kTokenWake) {

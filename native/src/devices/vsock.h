@@ -18,6 +18,9 @@ namespace vmlet {
 struct VsockConfig {
   uint64_t guest_cid;    // >= 3 (0-2 are reserved: hypervisor, local, host)
   std::string uds_path;  // the host listener; `<uds_path>_<port>` for guest-initiated connections
+  // A host client that sends no `CONNECT` line, or whose REQUEST the guest
+  // neither accepts nor refuses, is closed after this long.
+  uint32_t connect_timeout_ms = 10000;
 };
 
 // Creates the listening socket now (a bad path is reported at VM creation)
