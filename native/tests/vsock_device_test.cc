@@ -558,3 +558,76 @@ TEST_CASE("vsock: a host client the guest never answers, or that never sends CON
   close(client);
   close(silent);
 }
+
+TEST_CASE("vsock: hostile TX: short header, foreign CID and over-cap payload dropped; a broken ring stops the device") {
+  Guest g;
+  std::string path = g.uds + "_16";
+  g.extra_paths.push_back(path);
+  int listener = ListenUnix(path);
+  // A TX packet shorter than its header is dropped without reply.
+  g.tx.Add({{kTxBufs, 20, false}});
+  g.drv->Notify(1);
+  EXPECT_EQ(g.tx.PopUsed().len, 0u);
+  EXPECT(!g.Recv(100).has_value());
+  // A TX header claiming a foreign source CID is dropped too.
+  PacketHeader h = g.Header(5000, 16, vsock::kOpRequest);
+  h.src_cid = 99;
+  g.Send(h);
+  EXPECT(!g.Recv(100).has_value());
+  EXPECT(!WaitReadable(listener, 50));  // and no host connection was made
+  // A TX payload of 64 KiB + 1 is over the packet cap: the chain is refused.
+  std::vector<uint8_t> big(vsock::kMaxPayload + 1, 1);
+  g.Send(g.Header(5000, 16, vsock::kOpRw, static_cast<uint32_t>(big.size())), big.data(), static_cast<uint32_t>(big.size()));
+  EXPECT(!g.Recv(100).has_value());  // nothing of ours to reset: dropped
+  int host = GuestConnect(g, listener, 16);
+  // The connection still works after all that.
+  EXPECT(write(host, "x", 1) == 1);
+  auto p = g.Expect(vsock::kOpRw);
+  EXPECT(p.payload == std::vector<uint8_t>({'x'}));
+  // avail.idx jumping past the queue size breaks the TX ring: NEEDS_RESET.
+  g.tx.SetAvailIdx(static_cast<uint16_t>(g.tx.UsedIdx() + kRingSize + 1));
+  g.drv->Notify(1);
+  EXPECT(g.drv->Status() & virtio::kStatusDeviceNeedsReset);
+  close(host);
+  close(listener);
+}
+
+TEST_CASE("vsock: RX buffers too small for a header are returned empty") {
+  GuestMemory mem({{0, 8ull << 20}});
+  auto irq = std::make_shared<CountingIrq>();
+  std::string uds = TempSocketPath();
+  auto dev = MakeVirtioVsock({kGuestCid, uds});
+  MmioTransport t(dev, &mem, irq);
+  MmioDriver drv(t);
+  RingDriver rx(mem, kRxRing, 8), tx(mem, kTxRing, 8), ev(mem, kEventRing, 8);
+  EXPECT(drv.Negotiate(virtio::kFeatureVersion1));
+  EXPECT_EQ(drv.SetupQueue(0, rx), 1u);
+  EXPECT_EQ(drv.SetupQueue(1, tx), 1u);
+  EXPECT_EQ(drv.SetupQueue(2, ev), 1u);
+  drv.DriverOk();
+  rx.Add({{0x100000, 16, true}});            // smaller than a header
+  rx.Add({{0x101000, 44 + 100, false}});     // device-readable: wrong direction
+  rx.Add({{0x102000, 44 + 4096, true}});     // a good one
+  drv.Notify(0);
+  // A REQUEST to a port nobody listens on makes the device send an RST.
+  PacketHeader h{};
+  h.src_cid = kGuestCid;
+  h.dst_cid = vsock::kHostCid;
+  h.src_port = 7;
+  h.dst_port = 8;
+  h.type = vsock::kTypeStream;
+  h.op = vsock::kOpRequest;
+  EXPECT(mem.WriteObj(0x200000, h));
+  tx.Add({{0x200000, sizeof h, false}});
+  drv.Notify(1);
+  auto a = rx.PopUsed();
+  auto b = rx.PopUsed();
+  auto c = rx.PopUsed();
+  EXPECT_EQ(a.len, 0u);
+  EXPECT_EQ(b.len, 0u);
+  EXPECT_EQ(c.len, sizeof(PacketHeader));
+  PacketHeader got;
+  EXPECT(mem.ReadObj(0x102000, &got));
+  EXPECT_EQ(got.op, vsock::kOpRst);
+  dev->Shutdown();
+}
