@@ -241,6 +241,10 @@ static void rx_packet(const u8 *buf, u32 used_len) {
       }
       break;
     case OP_RST:
+      /* Both ends closed at once (our SHUTDOWN crossed the host's): the
+       * connection is already gone here, so the RST is for nothing (Linux
+       * ignores an RST without a socket too). */
+      if (c->state == C_CLOSED) break;
       if (c->state == C_CLOSING) {
         c->state = C_CLOSED;
         c->close_how = "rst";
