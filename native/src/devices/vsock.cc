@@ -227,7 +227,7 @@ class VirtioVsock : public VirtioDevice {
   void ProcessTx() {
     ChainLimits limits;
     limits.max_total_bytes = sizeof(PacketHeader) + kMaxPayload;
-    DescriptorChain chain;
+    DescriptorChain& chain = tx_chain_;
     bool used = false;
     for (;;) {
       PopResult r = tx_->Pop(*mem_, limits, &chain);
@@ -326,7 +326,8 @@ class VirtioVsock : public VirtioDevice {
     c.rx_cnt += len;
     size_t sent = 0;
     if (c.PendingBytes() == 0) {
-      std::vector<iovec> iov;
+      std::vector<iovec>& iov = iov_;
+      iov.clear();
       DescriptorChain::Iovecs(chain.readable, sizeof(PacketHeader), len, &iov);
       msghdr msg{};
       msg.msg_iov = iov.data();
@@ -452,7 +453,7 @@ class VirtioVsock : public VirtioDevice {
   bool FlushControl() {
     if (!active_) return control_.empty();
     while (!control_.empty()) {
-      DescriptorChain chain;
+      DescriptorChain& chain = rx_chain_;
       if (!PopRx(&chain)) return false;
       Control k = control_.front();
       control_.pop_front();
@@ -482,7 +483,7 @@ class VirtioVsock : public VirtioDevice {
         }
         break;
       }
-      DescriptorChain chain;
+      DescriptorChain& chain = rx_chain_;
       if (!PopRx(&chain)) {
         c.rx_starved = true;
         break;
@@ -495,7 +496,8 @@ class VirtioVsock : public VirtioDevice {
         continue;
       }
       uint32_t want = static_cast<uint32_t>(std::min<uint64_t>({uint64_t{credit}, room, uint64_t{kMaxPayload}}));
-      std::vector<iovec> iov;
+      std::vector<iovec>& iov = iov_;
+      iov.clear();
       DescriptorChain::Iovecs(chain.writable, sizeof(PacketHeader), want, &iov);
       ssize_t n = readv(c.fd, iov.data(), static_cast<int>(iov.size()));
       if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
@@ -728,6 +730,9 @@ class VirtioVsock : public VirtioDevice {
   Queue* event_ = nullptr;
   std::shared_ptr<InterruptSink> irq_;
   bool rx_used_ = false;
+  // Scratch reused for every packet (guarded by mu_): no allocation per packet.
+  DescriptorChain tx_chain_, rx_chain_;
+  std::vector<iovec> iov_;
   std::map<uint64_t, std::unique_ptr<Conn>> conns_;
   std::unordered_map<uint64_t, uint64_t> by_key_;
   std::deque<Control> control_;
