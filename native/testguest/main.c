@@ -212,6 +212,11 @@ void tg_main(void) {
   } else if (streq(m, "emufail")) {
     tg_printf("TG emufail jump=0xc0000000\n");
     ((void (*)(void))0xC0000000ull)();
+  } else if (streq(m, "serial")) {
+    /* Numbered lines: the host checks every byte arrives, in order. */
+    u64 n = tg_args.n ? tg_args.n : 100;
+    for (u64 i = 0; i < n; i++) tg_printf("TG serial seq=%lu of=%lu\n", i, n);
+    tg_result("serial", 1);
   } else if (streq(m, "bench-mmio")) mode_bench_mmio();
   else if (streq(m, "bench-blk")) { discover_devices(0); blk_bench(); }
   else if (streq(m, "bench-vsock")) { discover_devices(0); vsock_bench(); }
