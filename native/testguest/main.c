@@ -176,6 +176,7 @@ static void mode_bench_mmio(void) {
   for (u64 i = 0; i < n; i++)
     if (mmio_read32(base + VIRTIO_MMIO_MAGIC) != 0x74726976) bad++;
   u64 t1 = rdtsc();
+  serial_putc('\n');  /* end marker (README "Benchmarks") */
   tg_printf("TG bench-mmio end n=%lu bad=%u cycles=%lu\n", n, bad, t1 - t0);
   tg_result("bench-mmio", bad == 0);
 }

@@ -418,6 +418,7 @@ void vsock_bench(void) {
   tx_packet(c, c->peer_port, c->local_port, OP_REQUEST, 0, 0);
   virtq_kick(&vs.txq);
   vs_run();
+  serial_putc('\n');
   tg_printf("TG bench-vsock end bytes=%lu cycles=%lu\n", c->sent, c->t_end - c->t_begin);
   conn_report(c);
 }
