@@ -1,5 +1,6 @@
 // virtio-vsock driven like a guest driver would, against real Unix sockets:
 // connection set-up both ways, byte-exact streams, credit, shutdown and RST.
+#include <dirent.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -699,4 +700,32 @@ TEST_CASE("vsock: random TX packets never crash or hang the device") {
   EXPECT(rst);
   close(host);
   close(listener);
+}
+
+TEST_CASE("vsock: devices created and shut down leave no fds, threads or socket files behind") {
+  auto count = [](const char* dir) {
+    int n = 0;
+    if (DIR* d = opendir(dir)) {
+      while (readdir(d)) n++;
+      closedir(d);
+    }
+    return n;
+  };
+  int fds = count("/proc/self/fd"), threads = count("/proc/self/task");
+  for (int i = 0; i < 30; i++) {
+    Guest g;
+    std::string path = g.uds + "_19";
+    g.extra_paths.push_back(path);
+    int listener = ListenUnix(path);
+    int host = GuestConnect(g, listener, 19);
+    int client = ConnectUnix(g.uds);  // a host client mid-handshake
+    close(host);
+    close(client);
+    close(listener);
+    EXPECT(access(g.uds.c_str(), F_OK) == 0);
+    g.dev->Shutdown();
+    EXPECT(access(g.uds.c_str(), F_OK) != 0);
+  }
+  EXPECT_EQ(count("/proc/self/fd"), fds);
+  EXPECT_EQ(count("/proc/self/task"), threads);
 }
