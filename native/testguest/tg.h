@@ -69,6 +69,7 @@ struct virtq_used { u16 flags; u16 idx; struct virtq_used_elem ring[]; };
 #define VIRTQ_DESC_F_NEXT 1
 #define VIRTQ_DESC_F_WRITE 2
 #define VIRTQ_AVAIL_F_NO_INTERRUPT 1
+#define VIRTQ_USED_F_NO_NOTIFY 1
 
 struct virtq {
   u16 index, size;

@@ -421,4 +421,6 @@ void vsock_bench(void) {
   serial_putc('\n');
   tg_printf("TG bench-vsock end bytes=%lu cycles=%lu\n", c->sent, c->t_end - c->t_begin);
   conn_report(c);
+  tg_printf("TG vsock-stats pkts_rx=%lu pkts_tx=%lu credit_updates=%lu credit_requests=%lu peer_buf_alloc=%u\n", vs.pkts_rx, vs.pkts_tx,
+            vs.credit_updates_sent, vs.credit_requests_sent, c->peer_buf_alloc);
 }
