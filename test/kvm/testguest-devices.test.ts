@@ -75,9 +75,12 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       disks: [{ path: rw }, { path: ro, readOnly: true }],
       vsock: { cid: 3, udsPath: uds },
     };
+    // Every handle this test opens is closed in `finally`: a listening server
+    // left behind would keep mocha's process alive after a failure.
     const guestConnect = serveGuestConnect(uds, port, bytes, seed);
-    const vm = await Vm.create(cfg);
+    let vm: Vm | undefined;
     try {
+      vm = await Vm.create(cfg);
       vm.start();
       await waitForSerial(cfg.serialLog, /^TG vsock .*ready=1$/m, vm, 60_000);
       const hostConnect = connectToGuest(uds, listen, bytes, seed);
@@ -113,8 +116,8 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       assert.deepEqual(out.done, { pass: 7, fail: 0 }, out.lines.map((x) => x.raw).join('\n'));
       assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
     } finally {
-      await vm.kill();
       guestConnect.server.close();
+      await vm?.kill();
     }
   });
 
