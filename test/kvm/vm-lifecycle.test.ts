@@ -120,4 +120,39 @@ describe('vm lifecycle and exits on /dev/kvm', function () {
     await vm.pause();
     assert.deepEqual(await vm.kill(), { reason: 'killed' });
   });
+
+  it('unclaimed ports read as all-ones and are counted; the POST port is silently ignored', async () => {
+    const vm = await boot('ports', [
+      0xe6, 0x80, //                    out 0x80, al (POST code: ignored, not counted)
+      0x66, 0xba, 0xe8, 0x02, //        mov dx, 0x2e8 (COM4: nothing there)
+      0xee, //                          out dx, al
+      0x31, 0xc0, //                    xor eax, eax
+      0xec, //                          in al, dx
+      ...asm.exitWithEax, ...asm.haltForever,
+    ]);
+    assert.deepEqual(await exitWithin(vm, 20_000), { reason: 'guest-exit', code: 0xff });
+    assert.equal(vm.stats().exits['io-unclaimed'], 2);
+  });
+
+  it('unclaimed MMIO reads as all-ones and is counted', async () => {
+    const vm = await boot('mmio', [
+      0xa1, 0x00, 0x00, 0x80, 0xd0, //  mov eax, [0xd0800000]
+      ...asm.exitWithEax, ...asm.haltForever,
+    ]);
+    assert.deepEqual(await exitWithin(vm, 20_000), { reason: 'guest-exit', code: 0xffffffff });
+    const exits = vm.stats().exits;
+    assert.equal(exits.mmio, 1);
+    assert.equal(exits['mmio-unclaimed'], 1);
+  });
+
+  it('resume before a pause completed settles the pause instead of hanging it', async () => {
+    const vm = await boot('pauseresume', asm.spinForever);
+    try {
+      const paused = vm.pause();
+      vm.resume();
+      await paused;
+    } finally {
+      assert.deepEqual(await vm.kill(), { reason: 'killed' });
+    }
+  });
 });

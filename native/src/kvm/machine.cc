@@ -636,7 +636,9 @@ void Machine::Pause() {
   if (stopping_) return;
   pause_requested_ = true;
   Kick();
-  cv_.wait(lk, [&] { return stopping_ || parked_ >= running_threads_; });
+  // A Resume (or a stop) before every vCPU parked ends the wait too: the
+  // caller asked for a state that no longer applies.
+  cv_.wait(lk, [&] { return stopping_ || !pause_requested_ || parked_ >= running_threads_; });
 }
 
 void Machine::Resume() {
