@@ -26,7 +26,6 @@ struct blk {
   u64 capacity;               /* 512-byte sectors */
   u32 size_max, seg_max;
   int ro, flush, use_irq;
-  u64 irq_seen;
   struct blk_req *reqs;       /* BLK_MAX_SLOTS */
 };
 
@@ -46,7 +45,6 @@ static int blk_open(struct blk *b, struct virtio_dev *d, int index, int use_irq)
   rc = virtq_setup(d, &b->q, 0, 128, use_irq);
   if (rc) return rc - 10;
   b->reqs = tg_alloc(sizeof(struct blk_req) * BLK_MAX_SLOTS, 64);
-  if (use_irq && d->vector) b->irq_seen = irq_total();
   return virtio_driver_ok(d) ? -20 : 0;
 }
 
@@ -91,8 +89,7 @@ static int blk_submit(struct blk *b, int slot, u32 type, u64 sector, void *buf, 
   return head;
 }
 
-/* Waits for one completion; interrupt-driven when the device has a routed
- * vector, polled otherwise. Returns the used element or id=0xffffffff on timeout. */
+/* Polls for one completion. Returns the used element or id=0xffffffff on timeout. */
 static struct virtq_used_elem blk_wait_one(struct blk *b) {
   u64 start = rdtsc();
   while (!virtq_has_used(&b->q)) {
@@ -100,33 +97,39 @@ static struct virtq_used_elem blk_wait_one(struct blk *b) {
       struct virtq_used_elem none = {0xffffffffu, 0};
       return none;
     }
-    if (b->use_irq && b->dev->vector) {
-      irq_wait_change(&b->irq_seen, TG_TIMEOUT_CYCLES / 8);
-      virtio_ack_interrupt(b->dev);
-    } else {
-      cpu_relax();
-    }
+    cpu_relax();
   }
   struct virtq_used_elem e = virtq_pop_used(&b->q);
   virtq_free_chain(&b->q, (u16)e.id);
   return e;
 }
 
-/* One synchronous request; returns the status byte (or 0x100 on timeout). */
+/* One synchronous request; returns the status byte (or 0x100 on timeout).
+ * With a routed vector every request waits for its own interrupt before it
+ * looks at the used ring (the spec requires one per used-ring write when
+ * NO_INTERRUPT is clear and EVENT_IDX is not negotiated); InterruptStatus is
+ * acked before the next request so a level-triggered source (QEMU) makes a
+ * fresh edge. A wait that times out is counted as a missed interrupt. */
 static u32 blk_io(struct blk *b, u32 type, u64 sector, void *buf, u64 len) {
   u64 done = 0, seg = blk_segment(b);
   u64 maxreq = blk_max_request(b, seg);
+  int irq = b->use_irq && b->dev->vector;
   do {
     u64 n = len - done < maxreq ? len - done : maxreq;
+    u64 seen = irq ? tg_irq_counts[b->dev->vector] : 0;
     if (blk_submit(b, 0, type, sector + done / 512, (u8 *)buf + done, n) < 0) return 0x101;
     virtq_kick(&b->q);
+    if (irq) {
+      tg_irq_waits++;
+      if (!irq_wait_vector(b->dev->vector, seen, TG_TIMEOUT_CYCLES / 4)) tg_irq_missed++;
+      virtio_ack_interrupt(b->dev);
+    }
     struct virtq_used_elem e = blk_wait_one(b);
     if (e.id == 0xffffffffu) return 0x100;
     barrier();
     if (b->reqs[0].status != 0) return b->reqs[0].status;
     done += n;
   } while (done < len);
-  if (b->use_irq && b->dev->vector) virtio_ack_interrupt(b->dev);
   return 0;
 }
 

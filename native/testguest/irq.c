@@ -62,13 +62,12 @@ u64 irq_total(void) {
   return n;
 }
 
-int irq_wait_change(u64 *seen, u64 timeout_cycles) {
+int irq_wait_vector(u8 vector, u64 seen, u64 timeout_cycles) {
   u64 start = rdtsc();
   irq_enable();
-  while (irq_total() == *seen && rdtsc() - start < timeout_cycles) cpu_relax();
+  while (tg_irq_counts[vector] == seen && rdtsc() - start < timeout_cycles) cpu_relax();
   irq_disable();
-  u64 now = irq_total();
-  int got = now != *seen;
-  *seen = now;
-  return got;
+  return tg_irq_counts[vector] != seen;
 }
+
+u64 tg_irq_waits, tg_irq_missed;

@@ -58,7 +58,9 @@ extern volatile u64 tg_irq_counts[256];
 void irq_setup_chips(void);                        /* mask the 8259s, enable the LAPIC */
 int ioapic_route(u32 gsi, u8 vector);              /* 0 on success */
 u64 irq_total(void);
-int irq_wait_change(u64 *seen, u64 timeout_cycles); /* sti+pause until a device IRQ arrives; 1 if one did */
+/* sti + pause until vector's count moves past `seen` (1) or the timeout (0). */
+int irq_wait_vector(u8 vector, u64 seen, u64 timeout_cycles);
+extern u64 tg_irq_waits, tg_irq_missed;             /* interrupt-driven waits, and those that timed out */
 
 /* virtio.c */
 #define VIRTIO_MAX_DEVICES 16

@@ -69,6 +69,16 @@ describe('testguest under QEMU microvm (TCG)', function () {
     assert.equal(qemuDebugExitCode(r.status), 0);
   });
 
+  it('a malformed virtio_mmio.device entry is reported and skipped, the real devices still work', async () => {
+    const disk = join(dir, 'm.img');
+    const data = randomDisk(disk, 64 << 10);
+    const r = await runQemu(qemuMicrovmArgs({ accel: 'tcg', cmdline: 'tg.mode=check virtio_mmio.device=4K@nowhere', disks: [{ path: disk, readOnly: true }] }));
+    const out = parseTg(r.stdout);
+    assert.equal(one(out, 'warn', { what: 'bad-virtio_mmio.device' }).fields.value, '4K@nowhere');
+    assert.equal(one(out, 'blk-read', { dev: '0' }).fields.crc32, crc32hex(data));
+    assert.equal(qemuDebugExitCode(r.status), 0);
+  });
+
   it('an unknown mode is reported with what was asked and fails the run', async () => {
     const r = await runQemu(qemuMicrovmArgs({ accel: 'tcg', cmdline: 'tg.mode=bogus' }));
     const out = parseTg(r.stdout);
