@@ -236,6 +236,8 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
     Napi::Env env = info.Env();
     if (teardown_started_)
       ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "start VM", "the VM was killed or has exited: create a new one"));
+    if (machine_->started())
+      ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "start VM", "the VM is already started"));
     tsfn_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "vmlet-vm-exit", 0, 1);
     Napi::ThreadSafeFunction tsfn = tsfn_;
     try {
@@ -246,7 +248,10 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
         tsfn.Release();
       });
     } catch (const std::exception& e) {
+      // The machine will not call back: release the exit channel here and
+      // free what was started, so wait()/kill() still settle.
       tsfn_.Release();
+      BeginTeardown(env);
       ThrowVmmError(env, e);
     }
     return env.Undefined();

@@ -414,9 +414,12 @@ void Machine::Start(std::function<void(const VmExit&)> on_stopped) {
       snprintf(name, sizeof name, "vmlet-vcpu%u", v.index);
       pthread_setname_np(threads_.back().native_handle(), name);
     } catch (const std::system_error& e) {
-      // Threads already started see stopping_ and leave; Teardown joins them.
+      // Threads already started see stopping_ and leave without calling
+      // on_stopped (the caller learns of the failure from this throw);
+      // Teardown joins them.
       running_threads_ -= static_cast<uint32_t>(vcpus_.size() - threads_.size());
       stopping_ = true;
+      on_stopped_ = nullptr;
       if (!exit_) exit_ = VmExit{VmExit::Reason::Error, 0, std::string("cannot start vCPU thread: ") + e.what(), 0, {}};
       throw VmmError(ErrorKind::Kvm, "start vCPU thread", e.what());
     }
