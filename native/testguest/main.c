@@ -87,6 +87,7 @@ static void parse_cmdline(void) {
   tg_args.write_off = 4096;
   tg_args.write_len = 65536;
   tg_args.vsock_bytes = 1 << 20;
+  tg_args.vsock_buf = 64 << 10;
   char *p = cmdline;
   while (*p) {
     while (*p == ' ') *p++ = 0;
@@ -104,6 +105,7 @@ static void parse_cmdline(void) {
     else if (streq_prefix(tok, "tg.vsock_port=", &v)) tg_args.vsock_port = (u32)parse_u64(v);
     else if (streq_prefix(tok, "tg.vsock_listen=", &v)) tg_args.vsock_listen = (u32)parse_u64(v);
     else if (streq_prefix(tok, "tg.vsock_bytes=", &v)) tg_args.vsock_bytes = parse_u64(v);
+    else if (streq_prefix(tok, "tg.vsock_buf=", &v)) tg_args.vsock_buf = (u32)parse_u64(v);
     else if (streq_prefix(tok, "tg.n=", &v)) tg_args.n = parse_u64(v);
     else if (streq_prefix(tok, "tg.mib=", &v)) tg_args.mib = parse_u64(v);
   }

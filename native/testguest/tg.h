@@ -121,6 +121,7 @@ struct tg_args {
   u64 write_off, write_len;
   u32 vsock_port, vsock_listen;
   u64 vsock_bytes;
+  u32 vsock_buf;  /* buf_alloc the guest advertises */
   u64 n;          /* bench iterations */
   u64 mib;        /* bench transfer size */
 };

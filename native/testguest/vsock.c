@@ -29,9 +29,11 @@ struct vsock_hdr {
 #define RX_N 64
 #define TX_N 64
 #define EV_N 4
-/* We consume every byte the moment it arrives, so the advertised buffer only
- * paces the peer; half of it consumed triggers an explicit credit update. */
-#define OUR_BUF_ALLOC (256u << 10)
+/* We consume every byte the moment it arrives, so the advertised buffer
+ * (tg.vsock_buf, default 64 KiB: smaller than the 256 KiB of RX buffers, so
+ * credit, not ring space, is what limits the peer) only paces the peer; half
+ * of it consumed triggers an explicit credit update. */
+#define OUR_BUF_ALLOC (tg_args.vsock_buf)
 
 enum { C_UNUSED, C_LISTEN, C_CONNECTING, C_ESTABLISHED, C_CLOSING, C_CLOSED };
 
@@ -45,6 +47,7 @@ struct conn {
   u32 peer_buf_alloc, peer_fwd_cnt, fwd_reported;
   u32 sent_crc, recv_crc;
   u64 mismatches, first_mismatch;
+  u64 credit_violations;      /* RW bytes beyond the credit we had granted */
   int credit_requested;
   u64 close_started;
   const char *close_how;
@@ -151,6 +154,10 @@ static void conn_fail(struct conn *c, const char *why) {
 static u8 expect[PAYLOAD];
 
 static void rx_data(struct conn *c, const u8 *p, u32 len) {
+  /* The peer may have at most buf_alloc bytes beyond the fwd_cnt we last
+   * told it in flight; fwd_reported is the newest we sent, so anything past
+   * this bound broke the credit the peer could possibly have seen. */
+  if (c->recvd + len - c->fwd_reported > OUR_BUF_ALLOC) c->credit_violations++;
   if (c->recvd + len > c->recv_total) {
     conn_fail(c, "peer-sent-too-much");
     return;
@@ -206,6 +213,8 @@ static void rx_packet(const u8 *buf, u32 used_len) {
     if (h->op != OP_RST) tx_packet(NULL, h->src_port, h->dst_port, OP_RST, 0, 0);
     return;
   }
+  /* A connection we already closed (our RST or theirs) has nothing left to say. */
+  if (c->state == C_CLOSED) return;
   c->peer_buf_alloc = h->buf_alloc;
   c->peer_fwd_cnt = h->fwd_cnt;
   switch (h->op) {
@@ -355,10 +364,10 @@ static void conn_init(struct conn *c, const char *name, int state, u32 local, u3
 }
 
 static int conn_report(struct conn *c) {
-  int ok = !c->error && c->sent == c->send_total && c->recvd == c->recv_total && c->mismatches == 0;
-  tg_printf("TG vsock-%s local_port=%u peer_port=%u sent=%lu sent_crc32=%08x recv=%lu recv_crc32=%08x mismatches=%lu first_mismatch=%lu close=%s error=%s result=%s\n",
+  int ok = !c->error && c->sent == c->send_total && c->recvd == c->recv_total && c->mismatches == 0 && c->credit_violations == 0;
+  tg_printf("TG vsock-%s local_port=%u peer_port=%u sent=%lu sent_crc32=%08x recv=%lu recv_crc32=%08x mismatches=%lu first_mismatch=%lu credit_violations=%lu close=%s error=%s result=%s\n",
             c->name, c->local_port, c->peer_port, c->sent, ~c->sent_crc, c->recvd, ~c->recv_crc, c->mismatches,
-            c->first_mismatch, c->close_how, c->error ? c->error : "none", ok ? "pass" : "fail");
+            c->first_mismatch, c->credit_violations, c->close_how, c->error ? c->error : "none", ok ? "pass" : "fail");
   tg_result(c->name, ok);
   return ok;
 }

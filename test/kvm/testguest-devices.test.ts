@@ -103,17 +103,20 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       const c = one(out, 'vsock-connect').fields;
       assert.deepEqual([g.received, g.mismatches, g.sent], [bytes, 0, bytes]);
       assert.deepEqual([Number(c.sent), Number(c.recv), Number(c.mismatches)], [bytes, bytes, 0]);
+      assert.equal(c.credit_violations, '0', 'the device never sent past the credit the guest granted');
       assert.equal(c.sent_crc32, g.receivedCrc);
       assert.equal(c.recv_crc32, g.sentCrc);
       // vsock, host -> guest (CONNECT <port>): the same.
       const l = one(out, 'vsock-listen').fields;
       assert.deepEqual([h.received, h.mismatches, h.sent], [bytes, 0, bytes]);
       assert.deepEqual([Number(l.sent), Number(l.recv), Number(l.mismatches)], [bytes, bytes, 0]);
+      assert.equal(l.credit_violations, '0');
       assert.equal(l.sent_crc32, h.receivedCrc);
       assert.equal(l.recv_crc32, h.sentCrc);
 
       assert.ok(Number(one(out, 'irq').fields.count) > 0, 'blk completions arrived through IOAPIC -> LAPIC -> IDT');
       assert.deepEqual(out.done, { pass: 7, fail: 0 }, out.lines.map((x) => x.raw).join('\n'));
+      console.log(`      guest: ${one(out, 'vsock-stats').raw}`);
       assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
     } finally {
       guestConnect.server.close();
