@@ -83,4 +83,23 @@ describe('vm boot on /dev/kvm', function () {
       assert.deepEqual(await vm.kill(), { reason: 'killed' });
     }
   });
+
+  it('CPUID as the guest sees it: APIC id and vCPU count in leaf 1, the hypervisor bit, KVM paravirt leaf masked on request', async () => {
+    const cpuid = [0x0f, 0xa2];
+    const run = async (name: string, code: number[], over: { cpus?: number; maskKvmParavirt?: boolean } = {}): Promise<unknown> => {
+      const kernel = writeImage(scratch.path(`${name}.elf`), [...code, ...asm.exitWithEax, ...asm.haltForever]);
+      const vm = await Vm.create({ kernel, memoryMiB: 16, cpus: over.cpus ?? 1, serialLog: scratch.path(`${name}.log`), maskKvmParavirt: over.maskKvmParavirt });
+      vm.start();
+      return exitWithin(vm, 20_000);
+    };
+    // EBX >> 16 = APIC id << 8 | logical processor count; the BSP has APIC id 0.
+    assert.deepEqual(await run('leaf1-ebx', [...asm.movEax(1), ...cpuid, 0x89, 0xd8, 0xc1, 0xe8, 0x10], { cpus: 3 }), { reason: 'guest-exit', code: 3 });
+    // ECX >> 31: "running under a hypervisor".
+    assert.deepEqual(await run('leaf1-ecx', [...asm.movEax(1), ...cpuid, 0x89, 0xc8, 0xc1, 0xe8, 0x1f]), { reason: 'guest-exit', code: 1 });
+    const kvmFeatures = [...asm.movEax(0x40000001), ...cpuid];
+    assert.deepEqual(await run('pv-masked', kvmFeatures, { maskKvmParavirt: true }), { reason: 'guest-exit', code: 0 });
+    const unmasked = await run('pv-unmasked', kvmFeatures) as { reason: string; code: number };
+    assert.equal(unmasked.reason, 'guest-exit');
+    assert.notEqual(unmasked.code, 0, 'KVM advertises paravirt features unless masked');
+  });
 });
