@@ -158,6 +158,16 @@ static void blk_check_one(struct virtio_dev *d, int index) {
   tg_printf("TG blk-read dev=%d bytes=%lu crc32=%08x status=%u result=%s\n", index, bytes, ~crc, st, st == 0 ? "pass" : "fail");
   tg_result("blk-read", st == 0);
 
+  /* Requests a driver should never send: the device must refuse them with
+   * IOERR (out of range) and UNSUPP (unknown type), not act on them. */
+  u32 past_end = blk_io(&b, VIRTIO_BLK_T_IN, b.capacity, buf, 512);
+  u32 straddle = blk_io(&b, VIRTIO_BLK_T_IN, b.capacity - 1, buf, 1024);
+  u32 unsupported = blk_io(&b, 0x7fu, 0, buf, 512);
+  int bounds_ok = past_end == 1 && straddle == 1 && unsupported == 2;
+  tg_printf("TG blk-bounds dev=%d past_end_status=%u straddle_status=%u unknown_type_status=%u result=%s\n", index, past_end, straddle,
+            unsupported, bounds_ok ? "pass" : "fail");
+  tg_result("blk-bounds", bounds_ok);
+
   if (!b.ro) {
     u64 off = tg_args.write_off & ~511ull, len = (tg_args.write_len + 511) & ~511ull;
     if (off >= bytes) off = 0;
