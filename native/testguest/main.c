@@ -225,6 +225,7 @@ void tg_main(void) {
   } else if (streq(m, "bench-mmio")) mode_bench_mmio();
   else if (streq(m, "bench-blk")) { discover_devices(0); blk_bench(); }
   else if (streq(m, "bench-vsock")) { discover_devices(0); vsock_bench(); }
+  else if (streq(m, "vsock-overrun")) { discover_devices(0); vsock_overrun(); }
   else {
     tg_printf("TG error what=mode value=%s reason=unknown-mode result=fail\n", m);
     tg_result("mode", 0);

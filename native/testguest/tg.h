@@ -130,6 +130,7 @@ void blk_check_all(void);
 void blk_bench(void);
 void vsock_check(void);
 void vsock_bench(void);
+void vsock_overrun(void);
 int tg_find_device(u32 device_id, int nth);
 
 #endif

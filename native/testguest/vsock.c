@@ -49,6 +49,7 @@ struct conn {
   u64 mismatches, first_mismatch;
   u64 credit_violations;      /* RW bytes beyond the credit we had granted */
   int credit_requested;
+  int ignore_credit;          /* vsock-overrun mode: misbehave on purpose */
   u64 close_started;
   const char *close_how;
   const char *error;
@@ -285,6 +286,7 @@ static int conn_pump(struct conn *c) {
   while (c->sent < c->send_total) {
     u32 inflight = (u32)c->sent - c->peer_fwd_cnt;
     u32 credit = c->peer_buf_alloc > inflight ? c->peer_buf_alloc - inflight : 0;
+    if (c->ignore_credit) credit = PAYLOAD;
     if (credit == 0) {
       if (!c->credit_requested) {
         tx_packet(c, c->peer_port, c->local_port, OP_CREDIT_REQUEST, 0, 0);
@@ -432,4 +434,31 @@ void vsock_bench(void) {
   conn_report(c);
   tg_printf("TG vsock-stats pkts_rx=%lu pkts_tx=%lu credit_updates=%lu credit_requests=%lu peer_buf_alloc=%u\n", vs.pkts_rx, vs.pkts_tx,
             vs.credit_updates_sent, vs.credit_requests_sent, c->peer_buf_alloc);
+}
+
+/* A hostile guest: streams to tg.vsock_port ignoring the host's credit, to a
+ * host that does not read. The device must reset the connection (RST) rather
+ * than buffer without bound; anything else fails. */
+void vsock_overrun(void) {
+  int di = tg_find_device(19, 0);
+  if (di < 0 || !tg_args.vsock_port || vs_open(&tg_devs[di])) {
+    tg_printf("TG vsock-overrun error=%s result=fail\n", di < 0 ? "no-virtio-vsock-device" : !tg_args.vsock_port ? "no-tg.vsock_port" : "setup");
+    tg_result("vsock-overrun", 0);
+    return;
+  }
+  u64 bytes = tg_args.vsock_bytes;
+  nconns = 1;
+  struct conn *c = &conns[0];
+  conn_init(c, "overrun", C_CONNECTING, LOCAL_CONNECT_PORT, tg_args.vsock_port, bytes, 0, tg_args.seed + 6, 0);
+  c->ignore_credit = 1;
+  tx_packet(c, c->peer_port, c->local_port, OP_REQUEST, 0, 0);
+  virtq_kick(&vs.txq);
+  u32 granted = 0;
+  vs_run();
+  granted = c->peer_buf_alloc;
+  int reset = c->error && !memcmp(c->error, "reset-by-peer", 14);
+  int ok = reset && c->sent < bytes;
+  tg_printf("TG vsock-overrun sent=%lu of=%lu last_peer_buf_alloc=%u reset=%d error=%s result=%s\n", c->sent, bytes, granted, reset,
+            c->error ? c->error : "none", ok ? "pass" : "fail");
+  tg_result("vsock-overrun", ok);
 }

@@ -5,6 +5,7 @@
 import { strict as assert } from 'node:assert';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
+import { createServer, Socket } from 'node:net';
 import { join } from 'node:path';
 import { Vm, VmConfig, VmExit } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
@@ -125,6 +126,43 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
     } finally {
       guestConnect.server.close();
+      await vm?.kill();
+    }
+  });
+
+  it('vsock-overrun: a guest that ignores the host credit is reset, and the host connection is closed', async function () {
+    this.timeout(60_000);
+    const uds = join(dir, 'overrun.sock'), port = 5001;
+    // The host end accepts and does not read, so credit stops growing.
+    let accepted: Socket | undefined;
+    const server = createServer((sock) => {
+      accepted = sock;
+      sock.pause();
+      sock.on('error', () => undefined);
+    });
+    await new Promise<void>((r) => server.listen(`${uds}_${port}`, r));
+    const cfg: VmConfig = { ...base('overrun', `tg.mode=vsock-overrun tg.vsock_port=${port} tg.vsock_bytes=8M`), vsock: { cid: 3, udsPath: uds } };
+    let vm: Vm | undefined;
+    try {
+      vm = await Vm.create(cfg);
+      vm.start();
+      const { exit, out } = await runToExit(vm, cfg.serialLog, 50_000);
+      const o = one(out, 'vsock-overrun').fields;
+      assert.equal(o.reset, '1', 'the device answered the overrun with RST');
+      assert.ok(Number(o.sent) < 8 << 20, 'it did not take all 8 MiB');
+      assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
+      const sock = accepted;
+      assert.ok(sock, 'the guest connection reached the host');
+      const received = await within(new Promise<number>((resolve) => {
+        let n = 0;
+        sock.on('data', (d: Buffer) => (n += d.length));
+        sock.on('close', () => resolve(n));
+        sock.resume();
+      }), 10_000, 'the host end of the reset connection was not closed');
+      assert.ok(received <= Number(o.sent), `host got ${received} bytes, more than the guest sent`);
+    } finally {
+      server.close();
+      accepted?.destroy();
       await vm?.kill();
     }
   });
