@@ -9,6 +9,8 @@
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_T_FLUSH 4
+#define VIRTIO_BLK_T_GET_ID 8
+#define VIRTIO_BLK_ID_BYTES 20
 #define BLK_MAX_SLOTS 32
 #define STATUS_UNSET 0xee       /* never written by a device: shows a missing status write */
 
@@ -79,7 +81,7 @@ static int blk_submit(struct blk *b, int slot, u32 type, u64 sector, void *buf, 
   for (u64 off = 0; off < len; off += seg) {
     b->q.desc[i].addr = (u64)buf + off;
     b->q.desc[i].len = (u32)(len - off < seg ? len - off : seg);
-    if (type == VIRTIO_BLK_T_IN) b->q.desc[i].flags |= VIRTQ_DESC_F_WRITE;
+    if (type == VIRTIO_BLK_T_IN || type == VIRTIO_BLK_T_GET_ID) b->q.desc[i].flags |= VIRTQ_DESC_F_WRITE;
     i = b->q.desc[i].next;
   }
   b->q.desc[i].addr = (u64)&r->status;
@@ -148,6 +150,15 @@ static void blk_check_one(struct virtio_dev *d, int index) {
             index, d->base, b.capacity, b.ro, b.flush, b.seg_max, b.size_max, b.q.size, d->driver_features);
 
   u8 *buf = tg_alloc(CHUNK, 4096);
+  /* The serial the host gave the disk (5.2.6: 20 bytes, NUL-padded when shorter).
+   * Printed with anything outside '!'..'~' as '?', so the line stays one token. */
+  memset(buf, 0, VIRTIO_BLK_ID_BYTES + 1);
+  u32 idst = blk_io(&b, VIRTIO_BLK_T_GET_ID, 0, buf, VIRTIO_BLK_ID_BYTES);
+  char id[VIRTIO_BLK_ID_BYTES + 1];
+  int idn = 0;
+  for (; idn < VIRTIO_BLK_ID_BYTES && buf[idn]; idn++) id[idn] = buf[idn] > ' ' && buf[idn] <= '~' ? (char)buf[idn] : '?';
+  id[idn] = 0;
+  tg_printf("TG blk-id dev=%d status=%u id=%s\n", index, idst, id);
   u64 bytes = b.capacity * 512;
   u32 crc = ~0u, st = 0;
   for (u64 off = 0; off < bytes && st == 0; off += CHUNK) {

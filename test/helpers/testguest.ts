@@ -258,7 +258,7 @@ export function qemuMicrovmArgs(opts: {
   accel: 'tcg' | 'kvm';
   cmdline: string;
   memoryMiB?: number;
-  disks?: { path: string; readOnly?: boolean }[];
+  disks?: { path: string; readOnly?: boolean; id?: string }[];
 }): string[] {
   const args = [
     // acpi=off: microvm then announces its virtio-mmio devices on the command
@@ -275,7 +275,7 @@ export function qemuMicrovmArgs(opts: {
   ];
   (opts.disks ?? []).forEach((d, i) => {
     args.push('-drive', `id=d${i},file=${d.path},format=raw,if=none,cache=writeback${d.readOnly ? ',readonly=on' : ''}`);
-    args.push('-device', `virtio-blk-device,drive=d${i}`);
+    args.push('-device', `virtio-blk-device,drive=d${i}${d.id ? `,serial=${d.id}` : ''}`);
   });
   return args;
 }

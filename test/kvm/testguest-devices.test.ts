@@ -73,7 +73,8 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
     const cfg: VmConfig = {
       ...base('check', `tg.mode=check tg.seed=${seed} tg.write_off=${off} tg.write_len=${len} ` +
         `tg.vsock_port=${port} tg.vsock_listen=${listen} tg.vsock_bytes=${bytes}`),
-      disks: [{ path: rw }, { path: ro, readOnly: true }],
+      // A 20-byte id fills VIRTIO_BLK_T_GET_ID's buffer exactly (no NUL).
+      disks: [{ path: rw, id: 'tg-rw' }, { path: ro, readOnly: true, id: 'read-only-disk-20chr' }],
       vsock: { cid: 3, udsPath: uds },
     };
     // Every handle this test opens is closed in `finally`: a listening server
@@ -89,7 +90,9 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       const [g, h] = await within(Promise.all([guestConnect.result, hostConnect]), 10_000,
         `host vsock ends after the VM exited (${JSON.stringify(exit)}); guest said:\n${out.lines.map((x) => x.raw).join('\n')}`);
 
-      // virtio-blk: the guest's CRC of the whole disk is the host's.
+      // virtio-blk: the id the host configured, then the guest's CRC of the whole disk is the host's.
+      assert.equal(one(out, 'blk-id', { dev: '0' }).fields.id, 'tg-rw');
+      assert.equal(one(out, 'blk-id', { dev: '1' }).fields.id, 'read-only-disk-20chr');
       assert.equal(one(out, 'blk-read', { dev: '0' }).fields.crc32, crc32hex(rwData));
       assert.equal(one(out, 'blk-read', { dev: '1' }).fields.crc32, crc32hex(roData));
       // The written range, verified on the host by hashing the file.

@@ -52,9 +52,10 @@ describe('testguest under QEMU microvm (TCG)', function () {
     const r = await runQemu(qemuMicrovmArgs({
       accel: 'tcg',
       cmdline: `tg.mode=check tg.seed=${seed} tg.write_off=${off} tg.write_len=${len}`,
-      disks: [{ path: rw }, { path: ro, readOnly: true }],
+      disks: [{ path: rw, id: 'tg-rw' }, { path: ro, readOnly: true }],
     }));
     const out: TgOutput = parseTg(r.stdout);
+    assert.equal(one(out, 'blk-id', { dev: '0' }).fields.id, 'tg-rw', 'VIRTIO_BLK_T_GET_ID returns the drive serial');
     assert.equal(one(out, 'blk-read', { dev: '0' }).fields.crc32, crc32hex(rwData));
     assert.equal(one(out, 'blk-read', { dev: '1' }).fields.crc32, crc32hex(roData));
     const w = one(out, 'blk-write', { dev: '0' });
