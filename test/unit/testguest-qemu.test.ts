@@ -84,6 +84,13 @@ describe('testguest under QEMU microvm (TCG)', function () {
     assert.equal(qemuDebugExitCode(r.status), 0);
   });
 
+  it('triplefault: QEMU sees a triple fault (with -no-reboot it stops without a debug-exit write)', async () => {
+    const r = await runQemu([...qemuMicrovmArgs({ accel: 'tcg', cmdline: 'tg.mode=triplefault' }), '-d', 'cpu_reset', '-D', join(dir, 'reset.log')]);
+    one(parseTg(r.stdout), 'triplefault');
+    assert.equal(r.status, 0, 'QEMU exits 0 on a guest reset under -no-reboot, never through isa-debug-exit');
+    assert.match(readFileSync(join(dir, 'reset.log'), 'latin1'), /Triple fault/i);
+  });
+
   it('an unknown mode is reported with what was asked and fails the run', async () => {
     const r = await runQemu(qemuMicrovmArgs({ accel: 'tcg', cmdline: 'tg.mode=bogus' }));
     const out = parseTg(r.stdout);
