@@ -108,6 +108,7 @@ static void parse_cmdline(void) {
     else if (streq_prefix(tok, "tg.vsock_buf=", &v)) tg_args.vsock_buf = (u32)parse_u64(v);
     else if (streq_prefix(tok, "tg.n=", &v)) tg_args.n = parse_u64(v);
     else if (streq_prefix(tok, "tg.mib=", &v)) tg_args.mib = parse_u64(v);
+    else if (streq_prefix(tok, "tg.qd=", &v)) tg_args.qd = (u32)parse_u64(v);
   }
 }
 

@@ -124,6 +124,7 @@ struct tg_args {
   u32 vsock_buf;  /* buf_alloc the guest advertises */
   u64 n;          /* bench iterations */
   u64 mib;        /* bench transfer size */
+  u32 qd;         /* bench-blk: requests in flight for the second random-read phase */
 };
 extern struct tg_args tg_args;
 void blk_check_all(void);
