@@ -142,9 +142,9 @@ static void discover_devices(int route_irqs) {
     struct virtio_dev *d = &tg_devs[i];
     d->ok = virtio_probe(d) == 0;
     if (!d->ok) continue;
-    /* Only blk completions are interrupt-driven; vsock is polled with its pin
-     * masked (under PVM user mode takes interrupts even "with IF=0"). */
-    if (route_irqs && d->device_id == 2) {
+    /* check mode: blk completions and idle vsock waits are interrupt-driven.
+     * Benchmarks poll with every pin masked. */
+    if (route_irqs && (d->device_id == 2 || d->device_id == 19)) {
       d->vector = (u8)(0x40 + i);
       if (ioapic_route(d->gsi, d->vector)) d->vector = 0;
     }

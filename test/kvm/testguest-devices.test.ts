@@ -119,13 +119,16 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       assert.equal(l.recv_crc32, h.sentCrc);
 
       assert.ok(Number(one(out, 'irq').fields.count) > 0, 'blk completions arrived through IOAPIC -> LAPIC -> IDT');
+      assert.equal(one(out, 'irq').fields.missed, '0', 'every blk request got its interrupt');
+      // vsock interrupts come from the device's own thread while the vCPU runs: the asynchronous injection path.
+      assert.ok(Number(one(out, 'vsock-irq').fields.woken_by_irq) > 0, 'an idle vsock wait was ended by the device interrupt');
       // Requests past the end and of an unknown type are refused (IOERR, IOERR, UNSUPP).
       for (const dev of ['0', '1']) {
         const b = one(out, 'blk-bounds', { dev }).fields;
         assert.deepEqual([b.past_end_status, b.straddle_status, b.unknown_type_status], ['1', '1', '2']);
       }
       assert.deepEqual(out.done, { pass: out.lines.filter((x) => x.fields.result === 'pass').length, fail: 0 }, out.lines.map((x) => x.raw).join('\n'));
-      console.log(`      guest: ${one(out, 'vsock-stats').raw}`);
+      console.log(`      guest: ${one(out, 'vsock-stats').raw}\n      guest: ${one(out, 'vsock-irq').raw}`);
       assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
     } finally {
       guestConnect.server.close();
