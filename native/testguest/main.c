@@ -24,7 +24,10 @@ static char cmdline[2048];
 /* Set by CPL3 before it traps into CPL0 on purpose (see tg_trap). */
 #define REQ_TRIPLE_FAULT 0x7f1
 #define REQ_ENABLE_IF 0x7f2
+#define REQ_HALT 0x7f3
 static volatile u32 tg_request;
+static volatile u64 halt_seen;
+static volatile u8 halt_vector;
 
 struct trap_frame {
   u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
@@ -36,6 +39,15 @@ struct trap_frame {
  * (an `int n` would do, but the emulator here cannot run it). */
 void tg_trap(struct trap_frame *f) {
   if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_TRIPLE_FAULT) tg_load_null_idt_and_fault();
+  if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_HALT) {
+    tg_request = 0;
+    f->rip += 1;  /* the hlt that trapped */
+    /* IF is clear here (interrupt gate): an interrupt that arrived since the
+     * caller sampled the count is seen now, and sti's one-instruction shadow
+     * covers the hlt, so no wake-up is lost between the check and the halt. */
+    if (tg_irq_counts[halt_vector] == halt_seen) __asm__ volatile("sti; hlt; cli" ::: "memory");
+    return;
+  }
   if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_ENABLE_IF) {
     tg_request = 0;
     f->rflags |= 0x200;
@@ -48,6 +60,19 @@ void tg_trap(struct trap_frame *f) {
             f->rip, f->cs, f->rflags, f->rsp, cr2);
   tg_printf("TG DONE pass=%u fail=%u\n", tg_pass, tg_fail + 1);
   tg_exit(0x7e);
+}
+
+/* Gives the vCPU back to the host until an interrupt (hlt is CPL0-only, so
+ * CPL3 asks the #GP handler), unless `vector` already moved past `seen`. A
+ * one-shot LAPIC timer bounds the sleep in case a device never interrupts.
+ * A spinning guest would take the CPU the VMM's device threads need on a
+ * small host. */
+void tg_halt_until_irq(u8 vector, u64 seen) {
+  lapic_backstop_timer();
+  halt_vector = vector;
+  halt_seen = seen;
+  tg_request = REQ_HALT;
+  __asm__ volatile("hlt" ::: "memory");
 }
 
 int tg_find_device(u32 device_id, int nth) {

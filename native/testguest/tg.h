@@ -60,7 +60,9 @@ int ioapic_route(u32 gsi, u8 vector);              /* 0 on success */
 u64 irq_total(void);
 /* sti + pause until vector's count moves past `seen` (1) or the timeout (0). */
 int irq_wait_vector(u8 vector, u64 seen, u64 timeout_cycles);
-extern u64 tg_irq_waits, tg_irq_missed;             /* interrupt-driven waits, and those that timed out */
+extern u64 tg_irq_waits, tg_irq_missed;
+void lapic_backstop_timer(void);
+void tg_halt_until_irq(u8 vector, u64 seen);       /* main.c: hlt via CPL0 unless `vector` moved past `seen` */             /* interrupt-driven waits, and those that timed out */
 
 /* virtio.c */
 #define VIRTIO_MAX_DEVICES 16

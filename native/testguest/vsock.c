@@ -352,7 +352,8 @@ static int vs_run(void) {
       u64 seen = tg_irq_counts[v];
       if (!virtq_has_used(&vs.rxq) && !virtq_has_used(&vs.txq)) {
         vs.irq_waits++;
-        if (irq_wait_vector(v, seen, TG_TIMEOUT_CYCLES / 200)) vs.irq_wakeups++;
+        tg_halt_until_irq(v, seen);
+        if (tg_irq_counts[v] != seen) vs.irq_wakeups++;
       }
       virtio_ack_interrupt(vs.dev);
     } else if (now - last_progress > TG_TIMEOUT_CYCLES) {
