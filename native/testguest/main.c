@@ -177,7 +177,33 @@ static void discover_devices(int route_irqs) {
   }
 }
 
+/* What RAM the VMM announced, and whether its last byte below 3 GiB is really
+ * there (backed, writable, reads back). */
+static void check_memory(void) {
+  const struct hvm_start_info *si = (const struct hvm_start_info *)start_info_pa;
+  u64 ram = 0, top = 0;
+  u32 n = si->version >= 1 && si->memmap_paddr ? si->memmap_entries : 0;
+  const struct hvm_memmap_entry *m = (const struct hvm_memmap_entry *)si->memmap_paddr;
+  for (u32 i = 0; i < n; i++) {
+    if (m[i].type != 1) continue;
+    ram += m[i].size;
+    if (m[i].addr + m[i].size <= 0xC0000000ull && m[i].addr + m[i].size > top) top = m[i].addr + m[i].size;
+  }
+  int ok = 0;
+  if (top >= 8u << 20) {
+    volatile u64 *last = (volatile u64 *)(top - 8);
+    u64 was = *last;
+    *last = 0x7467746f70u ^ top;
+    ok = *last == (0x7467746f70u ^ top);
+    *last = was;
+  }
+  tg_printf("TG memory start_info_version=%u memmap_entries=%u ram_bytes=%lu low_ram_end=0x%lx top_rw=%d result=%s\n", si->version, n, ram,
+            top, ok, ok ? "pass" : "fail");
+  tg_result("memory", ok);
+}
+
 static void mode_check(void) {
+  check_memory();
   irq_setup_chips();
   discover_devices(1);
   blk_check_all();

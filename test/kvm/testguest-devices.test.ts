@@ -90,6 +90,9 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       const [g, h] = await within(Promise.all([guestConnect.result, hostConnect]), 10_000,
         `host vsock ends after the VM exited (${JSON.stringify(exit)}); guest said:\n${out.lines.map((x) => x.raw).join('\n')}`);
 
+      const mem = one(out, 'memory').fields;
+      assert.deepEqual([mem.low_ram_end, mem.top_rw], [`0x${(cfg.memoryMiB << 20).toString(16)}`, '1'], 'RAM ends where configured and its last byte is backed');
+
       // virtio-blk: the id the host configured, then the guest's CRC of the whole disk is the host's.
       assert.equal(one(out, 'blk-id', { dev: '0' }).fields.id, 'tg-rw');
       assert.equal(one(out, 'blk-id', { dev: '1' }).fields.id, 'read-only-disk-20chr');
@@ -171,6 +174,20 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       accepted?.destroy();
       await vm?.kill();
     }
+  });
+
+  it('memory: a 4 GiB guest gets RAM up to the 3 GiB MMIO hole and the rest above 4 GiB', async function () {
+    this.timeout(60_000);
+    const cfg: VmConfig = { ...base('mem4g', 'tg.mode=check'), memoryMiB: 4096 };
+    const vm = await Vm.create(cfg);
+    vm.start();
+    const { exit, out } = await runToExit(vm, cfg.serialLog, 50_000);
+    const m = one(out, 'memory').fields;
+    assert.equal(m.low_ram_end, '0xc0000000');
+    assert.equal(m.top_rw, '1', 'the last byte below the hole is backed and writable');
+    // All 4 GiB are announced, less at most the legacy hole below 1 MiB.
+    assert.ok(Number(m.ram_bytes) <= 4 * 2 ** 30 && Number(m.ram_bytes) >= 4 * 2 ** 30 - (1 << 20), `ram_bytes=${m.ram_bytes}`);
+    assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
   });
 
   it('serial: 300 numbered lines arrive byte-exact and in order, after the boot byte', async function () {
