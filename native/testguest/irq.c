@@ -64,9 +64,9 @@ u64 irq_total(void) {
 
 int irq_wait_vector(u8 vector, u64 seen, u64 timeout_cycles) {
   u64 start = rdtsc();
-  irq_enable();
-  while (tg_irq_counts[vector] == seen && rdtsc() - start < timeout_cycles) cpu_relax();
-  irq_disable();
+  /* Halting (not spinning) so the host gets the CPU back; the LAPIC timer
+   * backstop wakes us now and then to look at the clock. */
+  while (tg_irq_counts[vector] == seen && rdtsc() - start < timeout_cycles) tg_halt_until_irq(vector, seen);
   return tg_irq_counts[vector] != seen;
 }
 

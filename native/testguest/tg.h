@@ -26,12 +26,11 @@ static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
 static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((u64)hi << 32) | lo; }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
-/* 1 when CPL3 really has IOPL=3 (standard KVM, QEMU TCG): cli/sti work and IF
- * gates interrupts. 0 under PVM, whose user mode always has IOPL=0 and always
- * takes interrupts (cli/sti would #GP), so the guest must not use them. */
+/* 1 when CPL3 really has IOPL=3 (standard KVM, QEMU TCG): port I/O is native
+ * and IF stays 0 at CPL3, so interrupts are taken only inside the CPL0 halt of
+ * tg_halt_until_irq. 0 under PVM, whose user mode always has IOPL=0 and
+ * always takes interrupts: port I/O goes through entry.S's #GP emulation. */
 extern int tg_iopl3;
-static inline void irq_enable(void) { if (tg_iopl3) __asm__ volatile("sti" ::: "memory"); }
-static inline void irq_disable(void) { if (tg_iopl3) __asm__ volatile("cli" ::: "memory"); }
 static inline u64 read_rflags(void) { u64 f; __asm__ volatile("pushfq; popq %0" : "=r"(f)); return f; }
 
 /* lib.c */
@@ -58,7 +57,7 @@ extern volatile u64 tg_irq_counts[256];
 void irq_setup_chips(void);                        /* mask the 8259s, enable the LAPIC */
 int ioapic_route(u32 gsi, u8 vector);              /* 0 on success */
 u64 irq_total(void);
-/* sti + pause until vector's count moves past `seen` (1) or the timeout (0). */
+/* Halts until vector's count moves past `seen` (1) or the timeout (0). */
 int irq_wait_vector(u8 vector, u64 seen, u64 timeout_cycles);
 extern u64 tg_irq_waits, tg_irq_missed;
 void lapic_backstop_timer(void);
