@@ -319,3 +319,82 @@ void blk_bench(void) {
   tg_printf("TG bench-blk-seq end bytes=%lu errors=%u cycles=%lu\n", mib << 20, errors, t1 - t0);
   tg_result("bench-blk", errors == 0);
 }
+
+/* A hostile driver, one broken request per fresh device: the device must
+ * refuse each (error status, DEVICE_NEEDS_RESET, or no completion) and never
+ * report success; after a reset the same device must read correctly again. */
+enum { H_OUTSIDE_RAM, H_STRADDLE_RAM_END, H_LOOP, H_WRITE_TO_READONLY, H_HUGE_LENGTH, H_COUNT };
+static const char *const hostile_names[H_COUNT] = {"outside-ram", "straddles-ram-end", "descriptor-loop", "read-into-readonly-buffer",
+                                                   "4GiB-length"};
+
+static void blk_hostile_case(struct virtio_dev *d, int which, u8 *buf) {
+  struct blk b;
+  memset(&b, 0, sizeof b);
+  if (blk_open(&b, d, 0, 0)) {
+    tg_printf("TG blk-hostile case=%s error=setup result=fail\n", hostile_names[which]);
+    tg_result("blk-hostile", 0);
+    return;
+  }
+  int head = blk_submit(&b, 0, VIRTIO_BLK_T_IN, 0, buf, 4096);
+  u16 data = b.q.desc[head].next, status = b.q.desc[data].next;
+  switch (which) {
+    case H_OUTSIDE_RAM: b.q.desc[data].addr = 0x200000000ull; break;  /* 8 GiB: past any RAM the tests give */
+    case H_STRADDLE_RAM_END: b.q.desc[data].addr = tg_low_ram_end - 2048; break;
+    case H_LOOP:
+      b.q.desc[status].flags |= VIRTQ_DESC_F_NEXT;
+      b.q.desc[status].next = (u16)head;
+      break;
+    case H_WRITE_TO_READONLY: b.q.desc[data].flags &= (u16)~VIRTQ_DESC_F_WRITE; break;
+    case H_HUGE_LENGTH: b.q.desc[data].len = 0xfffff000u; break;
+    default: break;
+  }
+  virtq_kick(&b.q);
+  u64 start = rdtsc();
+  const char *outcome = "ignored";
+  u32 st = b.reqs[0].status;
+  u32 dev_status = 0;
+  while (rdtsc() - start < TG_TIMEOUT_CYCLES / 20) {
+    barrier();
+    if (virtq_has_used(&b.q)) {
+      virtq_pop_used(&b.q);
+      st = b.reqs[0].status;
+      outcome = "completed";
+      break;
+    }
+    dev_status = mmio_read32(d->base + VIRTIO_MMIO_STATUS);
+    if (dev_status & 0x40) {
+      outcome = "needs-reset";
+      break;
+    }
+    cpu_relax();
+  }
+  dev_status = mmio_read32(d->base + VIRTIO_MMIO_STATUS);
+  /* STATUS_UNSET means the device never wrote a status: fine unless it claimed completion. */
+  int ok = !(outcome[0] == 'c' && st == 0);
+  tg_printf("TG blk-hostile case=%s outcome=%s status=%u device_status=0x%x result=%s\n", hostile_names[which], outcome, st, dev_status,
+            ok ? "pass" : "fail");
+  tg_result("blk-hostile", ok);
+  mmio_write32(d->base + VIRTIO_MMIO_STATUS, 0);  /* reset: the queue we broke is gone */
+}
+
+void blk_hostile(void) {
+  int di = tg_find_device(2, 0);
+  if (di < 0) {
+    tg_printf("TG blk-hostile error=no-virtio-blk-device result=fail\n");
+    tg_result("blk-hostile", 0);
+    return;
+  }
+  struct virtio_dev *d = &tg_devs[di];
+  u8 *before = tg_alloc(CHUNK, 4096), *after = tg_alloc(CHUNK, 4096), *buf = tg_alloc(4096, 4096);
+  struct blk b;
+  memset(&b, 0, sizeof b);
+  u32 st0 = blk_open(&b, d, 0, 0) ? 0x102 : blk_io(&b, VIRTIO_BLK_T_IN, 0, before, CHUNK);
+  mmio_write32(d->base + VIRTIO_MMIO_STATUS, 0);
+  for (int k = 0; k < H_COUNT; k++) blk_hostile_case(d, k, buf);
+  memset(&b, 0, sizeof b);
+  u32 st1 = blk_open(&b, d, 0, 0) ? 0x102 : blk_io(&b, VIRTIO_BLK_T_IN, 0, after, CHUNK);
+  int same = memcmp(before, after, CHUNK) == 0;
+  int ok = st0 == 0 && st1 == 0 && same;
+  tg_printf("TG blk-hostile-recovery read_before=%u read_after=%u same_data=%d result=%s\n", st0, st1, same, ok ? "pass" : "fail");
+  tg_result("blk-hostile-recovery", ok);
+}

@@ -19,6 +19,7 @@ extern char __image_end[];
 extern void tg_load_null_idt_and_fault(void) __attribute__((noreturn));
 
 struct tg_args tg_args;
+u64 tg_low_ram_end;
 static char cmdline[2048];
 
 /* Set by CPL3 before it traps into CPL0 on purpose (see tg_trap). */
@@ -158,6 +159,7 @@ static int read_start_info(void) {
   /* No memory map (start_info version 0): assume the 16 MiB minimum we document. */
   if (!end) end = 16ull << 20;
   if (end > 0xC0000000ull) end = 0xC0000000ull;
+  tg_low_ram_end = end;
   tg_alloc_init(start, end);
   return 0;
 }
@@ -278,6 +280,7 @@ void tg_main(void) {
   else if (streq(m, "bench-blk")) { discover_devices(0); blk_bench(); }
   else if (streq(m, "bench-vsock")) { discover_devices(0); vsock_bench(); }
   else if (streq(m, "vsock-overrun")) { discover_devices(0); vsock_overrun(); }
+  else if (streq(m, "blk-hostile")) { discover_devices(0); blk_hostile(); }
   else {
     tg_printf("TG error what=mode value=%s reason=unknown-mode result=fail\n", m);
     tg_result("mode", 0);

@@ -130,6 +130,8 @@ struct tg_args {
 extern struct tg_args tg_args;
 void blk_check_all(void);
 void blk_bench(void);
+void blk_hostile(void);
+extern u64 tg_low_ram_end;                         /* end of the RAM region holding the image */
 void vsock_check(void);
 void vsock_bench(void);
 void vsock_overrun(void);

@@ -176,6 +176,23 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
     }
   });
 
+  it('blk-hostile: broken descriptor chains are refused without a false success, and the device works after a reset', async function () {
+    this.timeout(60_000);
+    const disk = join(dir, 'hostile.img');
+    const data = randomDisk(disk, 1 << 20);
+    const cfg: VmConfig = { ...base('hostile', 'tg.mode=blk-hostile'), disks: [{ path: disk }] };
+    const vm = await Vm.create(cfg);
+    vm.start();
+    const { exit, out } = await runToExit(vm, cfg.serialLog, 50_000);
+    const cases = all(out, 'blk-hostile');
+    assert.deepEqual(cases.map((c) => c.fields.case),
+      ['outside-ram', 'straddles-ram-end', 'descriptor-loop', 'read-into-readonly-buffer', '4GiB-length']);
+    for (const c of cases) assert.equal(c.fields.result, 'pass', c.raw);
+    assert.equal(one(out, 'blk-hostile-recovery').fields.same_data, '1');
+    assert.ok(readFileSync(disk).equals(data), 'the disk file is untouched');
+    assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
+  });
+
   it('memory: a 4 GiB guest gets RAM up to the 3 GiB MMIO hole and the rest above 4 GiB', async function () {
     this.timeout(60_000);
     const cfg: VmConfig = { ...base('mem4g', 'tg.mode=check'), memoryMiB: 4096 };
