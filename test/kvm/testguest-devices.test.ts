@@ -139,6 +139,38 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
     }
   });
 
+  it('four guests at once, each with its own disk and vsock peers, all pass their checks', async function () {
+    this.timeout(180_000);
+    const runs = [0, 1, 2, 3].map(async (i) => {
+      const disk = join(dir, `par${i}.img`), uds = join(dir, `par${i}.sock`);
+      const data = randomDisk(disk, 512 << 10);
+      const seed = 1000 + i, bytes = 2 << 20, port = 5100, listen = 6100;
+      const cfg: VmConfig = {
+        ...base(`par${i}`, `tg.mode=check tg.seed=${seed} tg.vsock_port=${port} tg.vsock_listen=${listen} tg.vsock_bytes=${bytes}`),
+        disks: [{ path: disk }],
+        vsock: { cid: 3 + i, udsPath: uds },
+      };
+      const guestConnect = serveGuestConnect(uds, port, bytes, seed);
+      let vm: Vm | undefined;
+      try {
+        vm = await Vm.create(cfg);
+        vm.start();
+        await waitForSerial(cfg.serialLog, /^TG vsock .*ready=1$/m, vm, 60_000);
+        const hostConnect = connectToGuest(uds, listen, bytes, seed);
+        const { exit, out } = await runToExit(vm, cfg.serialLog, 150_000);
+        const [g, h] = await within(Promise.all([guestConnect.result, hostConnect]), 10_000, `guest ${i} host vsock ends`);
+        assert.deepEqual([g.mismatches, g.received, h.mismatches, h.received], [0, bytes, 0, bytes], `guest ${i}`);
+        assert.equal(one(out, 'blk-read').fields.crc32, crc32hex(data), `guest ${i}`);
+        assert.equal(out.done?.fail, 0, `guest ${i}:\n${out.lines.map((x) => x.raw).join('\n')}`);
+        assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
+      } finally {
+        guestConnect.server.close();
+        await vm?.kill();
+      }
+    });
+    await Promise.all(runs);
+  });
+
   it('vsock-overrun: a guest that ignores the host credit is reset, and the host connection is closed', async function () {
     this.timeout(60_000);
     const uds = join(dir, 'overrun.sock'), port = 5001;
