@@ -495,9 +495,8 @@ void vsock_overrun(void) {
   c->ignore_credit = 1;
   tx_packet(c, c->peer_port, c->local_port, OP_REQUEST, 0, 0);
   virtq_kick(&vs.txq);
-  u32 granted = 0;
   vs_run();
-  granted = c->peer_buf_alloc;
+  u32 granted = c->peer_buf_alloc;
   int reset = c->error && !memcmp(c->error, "reset-by-peer", 14);
   int ok = reset && c->sent < bytes;
   tg_printf("TG vsock-overrun sent=%lu of=%lu last_peer_buf_alloc=%u reset=%d error=%s result=%s\n", c->sent, bytes, granted, reset,
