@@ -26,6 +26,8 @@ static char cmdline[2048];
 #define REQ_TRIPLE_FAULT 0x7f1
 #define REQ_ENABLE_IF 0x7f2
 #define REQ_HALT 0x7f3
+#define REQ_EMUFAIL 0x7f4
+#define UNBACKED_HOLE 0xC0000000ul
 static volatile u32 tg_request;
 static volatile u64 halt_seen;
 static volatile u8 halt_vector;
@@ -40,6 +42,10 @@ struct trap_frame {
  * (an `int n` would do, but the emulator here cannot run it). */
 void tg_trap(struct trap_frame *f) {
   if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_TRIPLE_FAULT) tg_load_null_idt_and_fault();
+  /* From CPL0 on purpose: standard KVM answers an instruction fetch it cannot
+   * emulate at CPL3 by injecting #UD into the guest, and only at CPL0 with an
+   * emulation-failure exit (KVM_EXIT_INTERNAL_ERROR) to the VMM. */
+  if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_EMUFAIL) ((void (*)(void))UNBACKED_HOLE)();
   if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_HALT) {
     tg_request = 0;
     f->rip += 1;  /* the hlt that trapped */
@@ -269,8 +275,9 @@ void tg_main(void) {
     tg_printf("TG triplefault loading-null-idt=1\n");
     __asm__ volatile("hlt");  /* #GP at CPL3 -> tg_trap */
   } else if (streq(m, "emufail")) {
-    tg_printf("TG emufail jump=0xc0000000\n");
-    ((void (*)(void))0xC0000000ull)();
+    tg_printf("TG emufail jump=0x%lx cpl=0\n", UNBACKED_HOLE);
+    tg_request = REQ_EMUFAIL;
+    __asm__ volatile("hlt");  /* #GP at CPL3 -> tg_trap, which jumps */
   } else if (streq(m, "serial")) {
     /* Numbered lines: the host checks every byte arrives, in order. */
     u64 n = tg_args.n ? tg_args.n : 100;
