@@ -10,7 +10,7 @@ import { join } from 'node:path';
 import { Vm, VmConfig, VmExit } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import {
-  all, connectToGuest, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, TgOutput,
+  all, connectToGuest, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, StreamResult, TgOutput,
 } from '../helpers/testguest';
 
 /** Polls the serial log until a line matches (the guest announces readiness there). */
@@ -34,6 +34,14 @@ function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
     timer = setTimeout(() => reject(new Error(`${what}: nothing after ${ms} ms`)), ms);
   });
   return Promise.race([p, t]).finally(() => clearTimeout(timer));
+}
+
+/** Both host stream results; a failure carries what the guest said, which tells which end gave up. */
+async function hostStreams(a: Promise<StreamResult>, b: Promise<StreamResult>, out: TgOutput, what: string): Promise<[StreamResult, StreamResult]> {
+  const settled = await within(Promise.allSettled([a, b]), 10_000, what);
+  const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) throw new Error(`${what}: ${(failed.reason as Error).message}; guest said:\n${out.lines.map((x) => x.raw).join('\n')}`);
+  return settled.map((r) => (r as PromiseFulfilledResult<StreamResult>).value) as [StreamResult, StreamResult];
 }
 
 /** Runs the guest to its exit (killing it after timeoutMs) and parses its serial log. */
@@ -87,8 +95,7 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       await waitForSerial(cfg.serialLog, /^TG vsock .*ready=1$/m, vm, 60_000);
       const hostConnect = connectToGuest(uds, listen, bytes, seed);
       const { exit, out } = await runToExit(vm, cfg.serialLog, 150_000);
-      const [g, h] = await within(Promise.all([guestConnect.result, hostConnect]), 10_000,
-        `host vsock ends after the VM exited (${JSON.stringify(exit)}); guest said:\n${out.lines.map((x) => x.raw).join('\n')}`);
+      const [g, h] = await hostStreams(guestConnect.result, hostConnect, out, `host vsock ends (VM exit ${JSON.stringify(exit)})`);
 
       const mem = one(out, 'memory').fields;
       assert.deepEqual([mem.low_ram_end, mem.top_rw], [`0x${(cfg.memoryMiB << 20).toString(16)}`, '1'], 'RAM ends where configured and its last byte is backed');
@@ -158,7 +165,7 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
         await waitForSerial(cfg.serialLog, /^TG vsock .*ready=1$/m, vm, 60_000);
         const hostConnect = connectToGuest(uds, listen, bytes, seed);
         const { exit, out } = await runToExit(vm, cfg.serialLog, 150_000);
-        const [g, h] = await within(Promise.all([guestConnect.result, hostConnect]), 10_000, `guest ${i} host vsock ends`);
+        const [g, h] = await hostStreams(guestConnect.result, hostConnect, out, `guest ${i} host vsock ends`);
         assert.deepEqual([g.mismatches, g.received, h.mismatches, h.received], [0, bytes, 0, bytes], `guest ${i}`);
         assert.equal(one(out, 'blk-read').fields.crc32, crc32hex(data), `guest ${i}`);
         assert.equal(out.done?.fail, 0, `guest ${i}:\n${out.lines.map((x) => x.raw).join('\n')}`);
