@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "boot/loader.h"
+#include "boot/mptable.h"
 #include "core/error.h"
 #include "testing.h"
 
@@ -364,4 +365,66 @@ TEST_CASE("boot: unbootable images are refused with a BootError that says why") 
                   "do not fit between the kernel's end");
   EXPECT_CONTAINS(BootErrorOf(mem, {TempFile("ok2", MakeElf(ElfSpec{})), "/nonexistent/initrd.img", "", Protocol::Auto}),
                   "/nonexistent/initrd.img does not exist: check VmConfig.initrd");
+}
+
+namespace {
+uint8_t ByteSum(const GuestMemory& mem, uint64_t gpa, uint64_t len) {
+  std::vector<uint8_t> b(len);
+  if (!mem.Read(gpa, b.data(), len)) throw testing::Failure("read failed");
+  uint8_t s = 0;
+  for (uint8_t c : b) s = static_cast<uint8_t>(s + c);
+  return s;
+}
+}  // namespace
+
+TEST_CASE("boot: the MP table announces every vCPU, the IOAPIC and 24 interrupt pins, with valid checksums") {
+  GuestMemory mem(RamLayout(16 * kMiB));
+  uint64_t end = WriteMpTable(mem, 4);
+  // Floating pointer where Linux scans (last KiB of base memory), pointing at the table.
+  char sig[5] = {};
+  EXPECT(mem.Read(kMpTableAddr, sig, 4));
+  EXPECT(std::string(sig) == "_MP_");
+  uint32_t table = Get<uint32_t>(mem, kMpTableAddr + 4);
+  EXPECT_EQ(table, uint32_t{kMpTableAddr + 16});
+  EXPECT_EQ(Get<uint8_t>(mem, kMpTableAddr + 8), uint8_t{1});
+  EXPECT_EQ(Get<uint8_t>(mem, kMpTableAddr + 9), uint8_t{4});
+  EXPECT_EQ(ByteSum(mem, kMpTableAddr, 16), uint8_t{0});
+
+  EXPECT(mem.Read(table, sig, 4));
+  EXPECT(std::string(sig) == "PCMP");
+  uint16_t len = Get<uint16_t>(mem, table + 4);
+  uint16_t count = Get<uint16_t>(mem, table + 34);
+  EXPECT_EQ(uint64_t{table} + len, end);
+  EXPECT_EQ(ByteSum(mem, table, len), uint8_t{0});
+  EXPECT_EQ(Get<uint32_t>(mem, table + 36), uint32_t{kLapicAddr});
+  // 4 processors, 1 bus, 1 IOAPIC, 24 I/O interrupts, 2 local interrupts.
+  EXPECT_EQ(count, uint16_t{4 + 1 + 1 + 24 + 2});
+  EXPECT_EQ(len, uint16_t{44 + 4 * 20 + 8 * (1 + 1 + 24 + 2)});
+  uint64_t p = table + 44;
+  for (uint8_t cpu = 0; cpu < 4; cpu++, p += 20) {
+    EXPECT_EQ(Get<uint8_t>(mem, p), uint8_t{0});
+    EXPECT_EQ(Get<uint8_t>(mem, p + 1), cpu);
+    EXPECT_EQ(Get<uint8_t>(mem, p + 3), static_cast<uint8_t>(cpu == 0 ? 3 : 1));  // enabled, BSP first
+  }
+  EXPECT_EQ(Get<uint8_t>(mem, p), uint8_t{1});  // bus
+  p += 8;
+  EXPECT_EQ(Get<uint8_t>(mem, p), uint8_t{2});  // IOAPIC, id after the CPUs
+  EXPECT_EQ(Get<uint8_t>(mem, p + 1), uint8_t{4});
+  EXPECT_EQ(Get<uint32_t>(mem, p + 4), uint32_t{kIoapicAddr});
+  p += 8;
+  for (uint8_t pin = 0; pin < 24; pin++, p += 8) {
+    EXPECT_EQ(Get<uint8_t>(mem, p), uint8_t{3});
+    EXPECT_EQ(Get<uint8_t>(mem, p + 5), pin);  // ISA IRQ / GSI
+    EXPECT_EQ(Get<uint8_t>(mem, p + 7), pin);  // IOAPIC pin
+  }
+  EXPECT_EQ(Get<uint8_t>(mem, p + 1), uint8_t{3});  // ExtINT on LINT0
+  EXPECT_EQ(Get<uint8_t>(mem, p + 7), uint8_t{0});
+  EXPECT_EQ(Get<uint8_t>(mem, p + 9), uint8_t{1});  // NMI on LINT1
+  EXPECT_EQ(Get<uint8_t>(mem, p + 15), uint8_t{1});
+  // The table stays out of the RAM the e820 map reports, below the kernel at 1 MiB.
+  EXPECT(kMpTableAddr >= kEbdaStart && end <= kHighMemStart);
+
+  EXPECT_EQ(WriteMpTable(mem, 254) <= kHighMemStart, true);
+  EXPECT_THROWS(WriteMpTable(mem, 0));
+  EXPECT_THROWS(WriteMpTable(mem, 255));
 }

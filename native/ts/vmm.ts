@@ -124,7 +124,8 @@ function validate(config: VmConfig): void {
   if (typeof config !== 'object' || config === null) bad('the config must be an object');
   if (typeof config.kernel !== 'string' || config.kernel === '') bad('kernel must be the path of a PVH ELF, ELF vmlinux or bzImage');
   if (!Number.isInteger(config.memoryMiB) || config.memoryMiB < 2) bad(`memoryMiB is ${config.memoryMiB}: use a whole number >= 2`);
-  if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > 255) bad(`cpus is ${config.cpus}: use 1..255`);
+  // 254: 8-bit APIC ids, 0xff is broadcast, one id goes to the IOAPIC.
+  if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > 254) bad(`cpus is ${config.cpus}: use 1..254`);
   if (typeof config.serialLog !== 'string' || config.serialLog === '') bad('serialLog must be the path of a file to receive serial output');
   if (config.vsock && (!Number.isInteger(config.vsock.cid) || config.vsock.cid < 3))
     bad(`vsock.cid is ${config.vsock.cid}: guest CIDs start at 3 (0-2 are reserved)`);

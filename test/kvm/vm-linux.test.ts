@@ -1,7 +1,8 @@
 // An unmodified Linux (the lab's Debian 6.1 bzImage) booted by our VMM through
 // the 64-bit boot protocol with an initramfs: the 8250 passes Linux's UART
 // autoconfig, the console carries user-space output (THRE interrupts on IRQ 4),
-// and `reboot -f` ends in the i8042 reset exit.
+// the MP table brings up the second vCPU, and `reboot -f` ends in the i8042
+// reset exit.
 //
 // Needs standard KVM: a Linux kernel cannot reach user space on this host's
 // PVM /dev/kvm (DESIGN.md), so this runs only inside hack/kvm-lab and is
@@ -52,14 +53,14 @@ describe('vm boots Linux (standard KVM, inside hack/kvm-lab)', function () {
   });
   after(() => scratch?.remove());
 
-  it('a Debian bzImage with an initramfs reaches /init, prints through the 16550A and resets via the i8042', async function () {
+  it('a Debian bzImage with an initramfs on 2 vCPUs reaches /init, prints through the 16550A and resets via the i8042', async function () {
     this.timeout(400_000);
     const init = [
       '#!/bin/busybox sh',
       '/bin/busybox mount -t devtmpfs devtmpfs /dev',
       '/bin/busybox mount -t proc proc /proc',
       `echo ${MARKER} > /dev/console`,
-      '/bin/busybox dmesg | /bin/busybox grep -e 16550A -e "Command line" > /dev/console',
+      '/bin/busybox dmesg | /bin/busybox grep -e 16550A -e "Command line" -e "Brought up" -e "MultiProcessor" > /dev/console',
       '/bin/busybox reboot -f',
       '',
     ].join('\n');
@@ -73,7 +74,7 @@ describe('vm boots Linux (standard KVM, inside hack/kvm-lab)', function () {
     ]));
     const serialLog = scratch.path('linux.log');
     const vm = await Vm.create({
-      kernel: process.env.VMLET_LAB_KERNEL as string, initrd, memoryMiB: 256, cpus: 1, serialLog,
+      kernel: process.env.VMLET_LAB_KERNEL as string, initrd, memoryMiB: 256, cpus: 2, serialLog,
       // reboot=k: no ACPI here, so reboot goes straight to the keyboard controller.
       cmdline: 'console=ttyS0 reboot=k panic=-1 quiet',
     });
@@ -84,6 +85,8 @@ describe('vm boots Linux (standard KVM, inside hack/kvm-lab)', function () {
     assert.ok(log.includes(MARKER), `init's output is on the console:\n${log}`);
     assert.match(log, /Command line: console=ttyS0 reboot=k panic=-1 quiet/);
     assert.match(log, /ttyS0 at I\/O 0x3f8 \(irq = 4, base_baud = 115200\) is a 16550A/);
+    assert.match(log, /Intel MultiProcessor Specification v1\.4/);
+    assert.match(log, /smp: Brought up 1 node, 2 CPUs/);
     assert.ok(log.includes('reboot: Restarting system'));
   });
 });

@@ -85,8 +85,8 @@ kvm::MachineConfig ParseConfig(Napi::Env env, Napi::Value value) {
     ThrowInvalid(env, "config.memoryMiB must be a whole number from 2 to 1048576");
   c.memory_bytes = static_cast<uint64_t>(mib) << 20;
   double cpus = GetNumber(env, o, "cpus", true, 1);
-  if (!(cpus >= 1 && cpus <= 255 && cpus == static_cast<double>(static_cast<uint32_t>(cpus))))
-    ThrowInvalid(env, "config.cpus must be a whole number from 1 to 255");
+  if (!(cpus >= 1 && cpus <= 254 && cpus == static_cast<double>(static_cast<uint32_t>(cpus))))
+    ThrowInvalid(env, "config.cpus must be a whole number from 1 to 254");
   c.cpus = static_cast<uint32_t>(cpus);
   c.serial_log = GetString(env, o, "serialLog", true);
   c.kvm_device = GetString(env, o, "kvmDevice", false);

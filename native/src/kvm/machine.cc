@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "boot/layout.h"
+#include "boot/mptable.h"
 #include "core/error.h"
 #include "devices/debug_exit.h"
 #include "devices/i8042.h"
@@ -160,8 +161,9 @@ Machine::~Machine() {
 }
 
 void Machine::Build(const MachineConfig& config) {
-  if (config.cpus < 1 || config.cpus > 255)
-    throw VmmError(ErrorKind::InvalidArgument, "create VM", "cpus is " + std::to_string(config.cpus) + ": use 1..255");
+  // 254: APIC ids are 8 bits, 0xff is broadcast, and the IOAPIC takes one.
+  if (config.cpus < 1 || config.cpus > 254)
+    throw VmmError(ErrorKind::InvalidArgument, "create VM", "cpus is " + std::to_string(config.cpus) + ": use 1..254");
   if (config.memory_bytes < (2u << 20) || config.memory_bytes % 4096)
     throw VmmError(ErrorKind::InvalidArgument, "create VM",
                    "memory of " + std::to_string(config.memory_bytes) + " bytes: use at least 2 MiB, in whole pages");
@@ -265,6 +267,7 @@ void Machine::Build(const MachineConfig& config) {
   boot::BootSpec spec = config.boot;
   spec.cmdline = cmdline_;
   plan_ = boot::LoadKernel(*mem_, spec);
+  boot::WriteMpTable(*mem_, config.cpus);
 
   for (uint32_t i = 0; i < config.cpus; i++) CreateVcpu(i);
   SetupBootRegisters(vcpus_[0]);
