@@ -20,6 +20,7 @@ extern void tg_load_null_idt_and_fault(void) __attribute__((noreturn));
 
 struct tg_args tg_args;
 u64 tg_low_ram_end;
+u64 tg_timeout_cycles = 100000000000ull;
 static char cmdline[2048];
 
 /* Set by CPL3 before it traps into CPL0 on purpose (see tg_trap). */
@@ -141,6 +142,7 @@ static void parse_cmdline(void) {
     else if (streq_prefix(tok, "tg.n=", &v)) tg_args.n = parse_u64(v);
     else if (streq_prefix(tok, "tg.mib=", &v)) tg_args.mib = parse_u64(v);
     else if (streq_prefix(tok, "tg.qd=", &v)) tg_args.qd = (u32)parse_u64(v);
+    else if (streq_prefix(tok, "tg.timeout=", &v) && parse_u64(v)) tg_timeout_cycles = parse_u64(v) * 1000000000ull;
   }
 }
 

@@ -347,11 +347,14 @@ static int vs_run(void) {
     if (progress) last_progress = now;
     else if (vs.dev->vector && now - last_progress <= TG_TIMEOUT_CYCLES) {
       /* Idle: sleep until the device interrupts (it does so from its own
-       * thread, so this is the VMM's asynchronous injection path). The count
-       * is read before the rings are looked at again, so an interrupt that
-       * lands in between ends the wait at once; the short timeout only bounds
-       * the cost of a lost one. */
+       * thread, so this is the VMM's asynchronous injection path). Order
+       * matters: (1) ack InterruptStatus, since a device raises its line when
+       * the status goes from clear to set and an un-acked status means no new
+       * edge (this wait starved on standard KVM before); (2) sample the count;
+       * (3) look at the rings once more; (4) sleep. A used entry written
+       * after (1) either shows in (3) or raises a fresh interrupt. */
       u8 v = vs.dev->vector;
+      virtio_ack_interrupt(vs.dev);
       u64 seen = tg_irq_counts[v];
       if (!virtq_has_used(&vs.rxq) && !virtq_has_used(&vs.txq)) {
         vs.irq_waits++;
@@ -359,7 +362,6 @@ static int vs_run(void) {
          * at all is happening (e.g. before the host connects). */
         if (irq_wait_vector(v, seen, TG_TIMEOUT_CYCLES / 20)) vs.irq_wakeups++;
       }
-      virtio_ack_interrupt(vs.dev);
     } else if (now - last_progress > TG_TIMEOUT_CYCLES) {
       for (int i = 0; i < nconns; i++)
         if (conns[i].state != C_CLOSED) conn_fail(&conns[i], "timeout");
@@ -429,10 +431,15 @@ void vsock_check(void) {
       virtq_kick(&vs.txq);
       vs.tx_pending = 0;
       u64 start = rdtsc();
-      while ((!virtq_has_used(&vs.rxq) || tg_irq_counts[v] == before) && rdtsc() - start < TG_TIMEOUT_CYCLES / 4)
-        irq_wait_vector(v, tg_irq_counts[v], TG_TIMEOUT_CYCLES / 20);
+      while (!(virtq_has_used(&vs.rxq) && tg_irq_counts[v] != before) && rdtsc() - start < TG_TIMEOUT_CYCLES / 4) {
+        /* Ack first (see vs_run's idle wait): the tx completion may have set
+         * InterruptStatus already, and the RESPONSE must raise a new edge. */
+        virtio_ack_interrupt(vs.dev);
+        u64 seen = tg_irq_counts[v];
+        if (virtq_has_used(&vs.rxq) && seen != before) break;
+        irq_wait_vector(v, seen, TG_TIMEOUT_CYCLES / 20);
+      }
       handshake_irq = virtq_has_used(&vs.rxq) && tg_irq_counts[v] != before;
-      virtio_ack_interrupt(vs.dev);
     }
   }
   if (tg_args.vsock_listen)
