@@ -1,8 +1,8 @@
 // An unmodified Linux (the lab's Debian 6.1 bzImage) booted by our VMM through
 // the 64-bit boot protocol with an initramfs: the 8250 passes Linux's UART
 // autoconfig, the console carries user-space output (THRE interrupts on IRQ 4),
-// the MP table brings up the second vCPU, and `reboot -f` ends in the i8042
-// reset exit.
+// the MP table brings up the second vCPU, the CMOS clock sets the guest's
+// time, and `reboot -f` ends in the i8042 reset exit.
 //
 // Needs standard KVM: a Linux kernel cannot reach user space on this host's
 // PVM /dev/kvm (DESIGN.md), so this runs only inside hack/kvm-lab and is
@@ -61,6 +61,7 @@ describe('vm boots Linux (standard KVM, inside hack/kvm-lab)', function () {
       '/bin/busybox mount -t proc proc /proc',
       `echo ${MARKER} > /dev/console`,
       '/bin/busybox dmesg | /bin/busybox grep -e 16550A -e "Command line" -e "Brought up" -e "MultiProcessor" > /dev/console',
+      'echo "VMLET-GUEST-YEAR $(/bin/busybox date -u +%Y)" > /dev/console',
       '/bin/busybox reboot -f',
       '',
     ].join('\n');
@@ -81,12 +82,15 @@ describe('vm boots Linux (standard KVM, inside hack/kvm-lab)', function () {
     vm.start();
     const exit = await exitWithin(vm, 360_000);
     const log = readFileSync(serialLog, 'latin1');
+    console.log(`      exits to the VMM during the boot: ${JSON.stringify(vm.stats().exits)}`);
     assert.deepEqual(exit, { reason: 'reset' }, `serial log:\n${log}`);
     assert.ok(log.includes(MARKER), `init's output is on the console:\n${log}`);
     assert.match(log, /Command line: console=ttyS0 reboot=k panic=-1 quiet/);
     assert.match(log, /ttyS0 at I\/O 0x3f8 \(irq = 4, base_baud = 115200\) is a 16550A/);
     assert.match(log, /Intel MultiProcessor Specification v1\.4/);
     assert.match(log, /smp: Brought up 1 node, 2 CPUs/);
+    // The CMOS clock gave the kernel the host's time (not 1970).
+    assert.ok(log.includes(`VMLET-GUEST-YEAR ${new Date().getUTCFullYear()}`), `the guest's clock:\n${log}`);
     assert.ok(log.includes('reboot: Restarting system'));
   });
 });

@@ -17,6 +17,7 @@
 #include "core/error.h"
 #include "devices/debug_exit.h"
 #include "devices/i8042.h"
+#include "devices/rtc.h"
 #include "devices/serial.h"
 #include "virtio/device.h"
 
@@ -218,6 +219,7 @@ void Machine::Build(const MachineConfig& config) {
                 RequestStop(std::move(e));
               }));
   pio_.Insert(0x80, 1, std::make_shared<PostCodePort>());
+  pio_.Insert(devices::Rtc::kBase, devices::Rtc::kSize, std::make_shared<devices::Rtc>());
 
   // virtio-mmio devices: disks, then vsock; window i at base + i*4K on GSI 5+i.
   cmdline_ = config.boot.cmdline;
