@@ -142,6 +142,9 @@ Napi::Object ExitToJs(Napi::Env env, const kvm::VmExit& e) {
 class PromiseWorker : public Napi::AsyncWorker {
  public:
   explicit PromiseWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
+  // The receiver is kept alive (a persistent reference) until the worker is done.
+  explicit PromiseWorker(const Napi::Object& receiver)
+      : Napi::AsyncWorker(receiver), deferred_(Napi::Promise::Deferred::New(receiver.Env())) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
 
  protected:
@@ -217,7 +220,9 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
 
   class PauseWorker : public PromiseWorker {
    public:
-    PauseWorker(Napi::Env env, kvm::Machine* m, uint64_t generation) : PromiseWorker(env), m_(m), generation_(generation) {}
+    // Holds the handle object so the machine outlives a wait still queued.
+    PauseWorker(const Napi::Object& handle, kvm::Machine* m, uint64_t generation)
+        : PromiseWorker(handle), m_(m), generation_(generation) {}
     void Work() override { m_->WaitPaused(generation_); }
     Napi::Value Result(Napi::Env env) override { return env.Undefined(); }
 
@@ -268,7 +273,7 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
     } catch (const std::exception& e) {
       ThrowVmmError(env, e);
     }
-    auto* w = new PauseWorker(env, machine_.get(), generation);
+    auto* w = new PauseWorker(Value(), machine_.get(), generation);
     Napi::Promise p = w->Promise();
     w->Queue();
     return p;
