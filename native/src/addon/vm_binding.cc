@@ -142,9 +142,6 @@ Napi::Object ExitToJs(Napi::Env env, const kvm::VmExit& e) {
 class PromiseWorker : public Napi::AsyncWorker {
  public:
   explicit PromiseWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
-  // The receiver is kept alive (a persistent reference) until the worker is done.
-  explicit PromiseWorker(const Napi::Object& receiver)
-      : Napi::AsyncWorker(receiver), deferred_(Napi::Promise::Deferred::New(receiver.Env())) {}
   Napi::Promise Promise() { return deferred_.Promise(); }
 
  protected:
@@ -221,12 +218,14 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
   class PauseWorker : public PromiseWorker {
    public:
     // Holds the handle object so the machine outlives a wait still queued.
+    // A worker is created and destroyed on the JS thread, so it may own a reference.
     PauseWorker(const Napi::Object& handle, kvm::Machine* m, uint64_t generation)
-        : PromiseWorker(handle), m_(m), generation_(generation) {}
+        : PromiseWorker(handle.Env()), handle_(Napi::Persistent(handle)), m_(m), generation_(generation) {}
     void Work() override { m_->WaitPaused(generation_); }
     Napi::Value Result(Napi::Env env) override { return env.Undefined(); }
 
    private:
+    Napi::ObjectReference handle_;
     kvm::Machine* m_;
     uint64_t generation_;
   };
