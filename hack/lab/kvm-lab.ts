@@ -58,6 +58,7 @@ export interface LabOptions {
 
 export const USAGE = `usage: hack/kvm-lab run [options] -- <command...>
        hack/kvm-lab shell [options]
+       hack/kvm-lab check      (can the lab start here? exit 0, or 125 with the reason)
 Boots the standard-KVM lab (L2 Linux under QEMU TCG with nested kvm_amd), runs the
 command there in the caller's cwd (the host root, read-only, with a tmpfs overlay)
 and exits with its exit code (124: timed out, 125: the lab failed, 2: bad usage).
@@ -117,8 +118,8 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv, cwd: string): 
       case '--mem': opts.memMiB = positiveInt(a, next(), 256, 65536); break;
       case '--cpus': opts.cpus = positiveInt(a, next(), 1, 64); break;
       case '--timeout': opts.timeoutS = positiveInt(a, next(), 0, 86400); break;
-      case '--boot-timeout': opts.bootTimeoutS = positiveInt(a, next(), 5, 3600); break;
-      case '--stall': opts.stallS = positiveInt(a, next(), 2, 3600); break;
+      case '--boot-timeout': opts.bootTimeoutS = positiveInt(a, next(), 1, 3600); break;
+      case '--stall': opts.stallS = positiveInt(a, next(), 1, 3600); break;
       case '--retries': opts.retries = positiveInt(a, next(), 0, 20); break;
       case '--scratch': {
         const d = next();
@@ -500,6 +501,19 @@ async function main(): Promise<number> {
   if (argv[0] === '-h' || argv[0] === '--help' || argv[0] === 'help') {
     console.log(USAGE);
     return 0;
+  }
+  if (argv[0] === 'check') {
+    // Whether the lab can start here, without booting it (test/run.mjs asks first
+    // so that a missing lab is reported as SKIPPED, and a broken one as FAILED).
+    try {
+      findQemu();
+      const art = findArtefacts();
+      console.log(`kvm-lab: ready to boot ${art.dir}`);
+      return 0;
+    } catch (e) {
+      say(`the lab is unavailable: ${(e as Error).message}`);
+      return EXIT_LAB_FAILED;
+    }
   }
   try {
     const opts = parseArgs(argv, process.env, process.cwd());
