@@ -192,7 +192,7 @@ function findArtefacts(): LabArtefacts {
     dir = execFileSync(join(repoRoot, 'hack', 'lab', 'prepare'), ['--offline'], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim();
   } catch (e) {
     const err = e as { stderr?: string };
-    throw new LabUnavailableError(`the L2 kernel and initramfs are not prepared: ${(err.stderr ?? String(e)).trim()} (run sudo hack/setup)`);
+    throw new LabUnavailableError(`the L2 kernel and initramfs are not prepared: ${(err.stderr ?? String(e)).trim()}`);
   }
   return { dir, kernel: join(dir, 'vmlinuz'), initrd: join(dir, 'initramfs.cpio.gz') };
 }
