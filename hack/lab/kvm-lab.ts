@@ -472,7 +472,8 @@ export async function runLab(opts: LabOptions): Promise<RunReport> {
       }
       if (outcome.kind === 'exited') {
         exitCode = outcome.code;
-        keepLogs = outcome.code !== 0;
+        // A wedged attempt's console is the only evidence of why it wedged.
+        keepLogs = outcome.code !== 0 || attempts.length > 1;
         break;
       }
     }
