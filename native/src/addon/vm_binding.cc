@@ -1,0 +1,343 @@
+// JS binding of kvm::Machine: createVm(config) -> Promise<VmHandle>, and on a
+// handle start/pause/resume/kill/wait/stats. Only native/ts/vmm.ts calls it.
+//
+// Nothing here blocks Node's event loop: creation (file reads, KVM set-up),
+// pause (waits for vCPUs to park) and teardown (joins vCPU threads) run on
+// libuv's pool; a stopping VM reaches JS through a ThreadSafeFunction.
+// Lifetime: a handle holds a strong reference to itself from creation until
+// its teardown finished, so a VM never depends on the garbage collector; the
+// running VM's ThreadSafeFunction also keeps the process alive, like a child
+// process would.
+#include <napi.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "addon/registry.h"
+#include "core/error.h"
+#include "kvm/machine.h"
+
+namespace vmlet::addon {
+namespace {
+
+struct ErrorInfo {
+  std::string message;
+  std::string name = "VmmError";
+  std::string op;
+  int err = 0;
+};
+
+ErrorInfo Capture(const std::exception& e) {
+  ErrorInfo info;
+  info.message = e.what();
+  if (auto* v = dynamic_cast<const VmmError*>(&e)) {
+    info.name = ErrorKindName(v->kind());
+    info.op = v->op();
+    info.err = v->error_number();
+  }
+  return info;
+}
+
+Napi::Value ToJsError(Napi::Env env, const ErrorInfo& info) {
+  Napi::Error err = Napi::Error::New(env, info.message);
+  err.Set("name", Napi::String::New(env, info.name));
+  if (!info.op.empty()) err.Set("op", Napi::String::New(env, info.op));
+  if (info.err) {
+    err.Set("errno", Napi::Number::New(env, info.err));
+    if (const char* code = strerrorname_np(info.err)) err.Set("code", Napi::String::New(env, code));
+  }
+  return err.Value();
+}
+
+[[noreturn]] void ThrowInvalid(Napi::Env env, const std::string& msg) {
+  ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "create VM", msg));
+}
+
+std::string GetString(Napi::Env env, Napi::Object o, const char* key, bool required) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() && !required) return {};
+  if (!v.IsString()) ThrowInvalid(env, std::string("config.") + key + " must be a string");
+  return v.As<Napi::String>().Utf8Value();
+}
+
+double GetNumber(Napi::Env env, Napi::Object o, const char* key, bool required, double dflt) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() && !required) return dflt;
+  if (!v.IsNumber()) ThrowInvalid(env, std::string("config.") + key + " must be a number");
+  return v.As<Napi::Number>().DoubleValue();
+}
+
+kvm::MachineConfig ParseConfig(Napi::Env env, Napi::Value value) {
+  if (!value.IsObject()) ThrowInvalid(env, "the VM config must be an object");
+  Napi::Object o = value.As<Napi::Object>();
+  kvm::MachineConfig c;
+  c.boot.kernel = GetString(env, o, "kernel", true);
+  c.boot.initrd = GetString(env, o, "initrd", false);
+  c.boot.cmdline = GetString(env, o, "cmdline", false);
+  std::string proto = GetString(env, o, "bootProtocol", false);
+  if (proto.empty() || proto == "auto") c.boot.protocol = boot::Protocol::Auto;
+  else if (proto == "pvh") c.boot.protocol = boot::Protocol::Pvh;
+  else if (proto == "linux") c.boot.protocol = boot::Protocol::Linux64;
+  else ThrowInvalid(env, "config.bootProtocol is '" + proto + "': use 'auto', 'pvh' or 'linux'");
+  double mib = GetNumber(env, o, "memoryMiB", true, 0);
+  if (!(mib >= 2 && mib <= (1 << 20) && mib == static_cast<double>(static_cast<uint64_t>(mib))))
+    ThrowInvalid(env, "config.memoryMiB must be a whole number from 2 to 1048576");
+  c.memory_bytes = static_cast<uint64_t>(mib) << 20;
+  double cpus = GetNumber(env, o, "cpus", true, 1);
+  if (!(cpus >= 1 && cpus <= 255 && cpus == static_cast<double>(static_cast<uint32_t>(cpus))))
+    ThrowInvalid(env, "config.cpus must be a whole number from 1 to 255");
+  c.cpus = static_cast<uint32_t>(cpus);
+  c.serial_log = GetString(env, o, "serialLog", true);
+  c.kvm_device = GetString(env, o, "kvmDevice", false);
+  Napi::Value mask = o.Get("maskKvmParavirt");
+  c.mask_kvm_paravirt = mask.IsBoolean() && mask.As<Napi::Boolean>().Value();
+  Napi::Value disks = o.Get("disks");
+  if (!disks.IsUndefined()) {
+    if (!disks.IsArray()) ThrowInvalid(env, "config.disks must be an array");
+    Napi::Array a = disks.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); i++) {
+      Napi::Value d = a.Get(i);
+      if (!d.IsObject()) ThrowInvalid(env, "config.disks[" + std::to_string(i) + "] must be an object");
+      Napi::Object dobj = d.As<Napi::Object>();
+      kvm::DiskSpec spec;
+      spec.path = GetString(env, dobj, "path", true);
+      Napi::Value ro = dobj.Get("readOnly");
+      spec.read_only = ro.IsBoolean() && ro.As<Napi::Boolean>().Value();
+      spec.id = GetString(env, dobj, "id", false);
+      c.disks.push_back(spec);
+    }
+  }
+  Napi::Value vsock = o.Get("vsock");
+  if (!vsock.IsUndefined()) {
+    if (!vsock.IsObject()) ThrowInvalid(env, "config.vsock must be an object");
+    Napi::Object vo = vsock.As<Napi::Object>();
+    kvm::VsockSpec vs;
+    vs.guest_cid = static_cast<uint64_t>(GetNumber(env, vo, "cid", true, 0));
+    vs.uds_path = GetString(env, vo, "udsPath", true);
+    c.vsock = vs;
+  }
+  return c;
+}
+
+Napi::Object ExitToJs(Napi::Env env, const kvm::VmExit& e) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("reason", Napi::String::New(env, kvm::ReasonName(e.reason)));
+  switch (e.reason) {
+    case kvm::VmExit::Reason::GuestExit: o.Set("code", Napi::Number::New(env, e.code)); break;
+    case kvm::VmExit::Reason::Shutdown:
+    case kvm::VmExit::Reason::Error: o.Set("message", Napi::String::New(env, e.message)); break;
+    case kvm::VmExit::Reason::EmulationFailure:
+      o.Set("message", Napi::String::New(env, e.message));
+      o.Set("rip", Napi::BigInt::New(env, e.rip));
+      o.Set("instruction", Napi::Buffer<uint8_t>::Copy(env, e.instruction.data(), e.instruction.size()));
+      break;
+    case kvm::VmExit::Reason::Reset:
+    case kvm::VmExit::Reason::Killed: break;
+  }
+  return o;
+}
+
+// An AsyncWorker that settles a promise, rejecting with a typed VmmError.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  explicit PromiseWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+ protected:
+  virtual void Work() = 0;
+  virtual Napi::Value Result(Napi::Env env) = 0;
+  void Execute() override {
+    try {
+      Work();
+    } catch (const std::exception& e) {
+      error_ = Capture(e);
+      SetError(error_.message);
+    }
+  }
+  void OnOK() override { deferred_.Resolve(Result(Env())); }
+  void OnError(const Napi::Error&) override { deferred_.Reject(ToJsError(Env(), error_)); }
+
+  Napi::Promise::Deferred deferred_;
+  ErrorInfo error_;
+};
+
+class VmHandle : public Napi::ObjectWrap<VmHandle> {
+ public:
+  static Napi::FunctionReference* constructor;
+
+  static void Init(Napi::Env env, Napi::Object exports) {
+    Napi::Function f = DefineClass(env, "VmHandle",
+                                   {InstanceMethod("start", &VmHandle::Start), InstanceMethod("pause", &VmHandle::Pause),
+                                    InstanceMethod("resume", &VmHandle::Resume), InstanceMethod("kill", &VmHandle::Kill),
+                                    InstanceMethod("wait", &VmHandle::Wait), InstanceMethod("stats", &VmHandle::Stats),
+                                    InstanceMethod("cmdline", &VmHandle::Cmdline)});
+    constructor = new Napi::FunctionReference(Napi::Persistent(f));
+    env.SetInstanceData<Napi::FunctionReference>(constructor);
+    exports.Set("VmHandle", f);
+  }
+
+  // Called only from CreateWorker with an External<Machine> it gives up.
+  explicit VmHandle(const Napi::CallbackInfo& info)
+      : Napi::ObjectWrap<VmHandle>(info), done_(Napi::Promise::Deferred::New(info.Env())) {
+    if (info.Length() != 1 || !info[0].IsExternal())
+      ThrowVmmError(info.Env(), VmmError(ErrorKind::InvalidArgument, "new VmHandle", "use createVm(config)"));
+    machine_.reset(info[0].As<Napi::External<kvm::Machine>>().Data());
+    // The Deferred's promise value is scoped to this call: keep it alive by reference.
+    done_promise_ = Napi::Persistent(done_.Promise().As<Napi::Object>());
+    Ref();  // released when teardown completes: the VM never waits on GC
+  }
+
+  ~VmHandle() override {
+    // Only reached after teardown, or at environment shutdown; Teardown is idempotent.
+    if (machine_) machine_->Teardown();
+  }
+
+ private:
+  class TeardownWorker : public PromiseWorker {
+   public:
+    TeardownWorker(Napi::Env env, VmHandle* vm) : PromiseWorker(env), vm_(vm) {}
+    void Work() override { exit_ = vm_->machine_->Teardown(); }
+    Napi::Value Result(Napi::Env env) override {
+      Napi::Object o = ExitToJs(env, exit_);
+      vm_->done_.Resolve(o);
+      vm_->Unref();
+      return o;
+    }
+    void OnError(const Napi::Error& e) override {
+      vm_->done_.Reject(ToJsError(Env(), error_));
+      vm_->Unref();
+      PromiseWorker::OnError(e);
+    }
+
+   private:
+    VmHandle* vm_;
+    kvm::VmExit exit_;
+  };
+
+  class PauseWorker : public PromiseWorker {
+   public:
+    PauseWorker(Napi::Env env, kvm::Machine* m) : PromiseWorker(env), m_(m) {}
+    void Work() override { m_->Pause(); }
+    Napi::Value Result(Napi::Env env) override { return env.Undefined(); }
+
+   private:
+    kvm::Machine* m_;
+  };
+
+  void BeginTeardown(Napi::Env env) {
+    if (teardown_started_) return;
+    teardown_started_ = true;
+    auto* w = new TeardownWorker(env, this);
+    w->Queue();
+  }
+
+  Napi::Value Start(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (teardown_started_)
+      ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "start VM", "the VM was killed or has exited: create a new one"));
+    tsfn_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "vmlet-vm-exit", 0, 1);
+    Napi::ThreadSafeFunction tsfn = tsfn_;
+    try {
+      machine_->Start([this, tsfn](const kvm::VmExit&) mutable {
+        // On the last vCPU thread: hand the stop to the JS thread, which
+        // starts the teardown (joining this very thread must not happen here).
+        tsfn.BlockingCall([this](Napi::Env env, Napi::Function) { BeginTeardown(env); });
+        tsfn.Release();
+      });
+    } catch (const std::exception& e) {
+      tsfn_.Release();
+      ThrowVmmError(env, e);
+    }
+    return env.Undefined();
+  }
+
+  Napi::Value Pause(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!machine_->started())
+      ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "pause VM", "the VM is not started: call start() first"));
+    auto* w = new PauseWorker(env, machine_.get());
+    Napi::Promise p = w->Promise();
+    w->Queue();
+    return p;
+  }
+
+  Napi::Value Resume(const Napi::CallbackInfo& info) {
+    machine_->Resume();
+    return info.Env().Undefined();
+  }
+
+  Napi::Value Kill(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (!teardown_started_) {
+      if (machine_->started()) {
+        kvm::VmExit e;
+        e.reason = kvm::VmExit::Reason::Killed;
+        machine_->RequestStop(std::move(e));  // the exit callback starts the teardown
+      } else {
+        BeginTeardown(env);
+      }
+    }
+    return done_promise_.Value();
+  }
+
+  Napi::Value Wait(const Napi::CallbackInfo&) { return done_promise_.Value(); }
+
+  Napi::Value Stats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    kvm::MachineStats s = machine_->Stats();
+    Napi::Object o = Napi::Object::New(env);
+    Napi::Object exits = Napi::Object::New(env);
+    for (auto& [name, n] : s.exits) exits.Set(name, Napi::Number::New(env, static_cast<double>(n)));
+    o.Set("exits", exits);
+    o.Set("createdNs", Napi::BigInt::New(env, s.created_ns));
+    if (s.first_entry_ns) o.Set("firstEntryNs", Napi::BigInt::New(env, s.first_entry_ns));
+    return o;
+  }
+
+  Napi::Value Cmdline(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), machine_->cmdline()); }
+
+  std::unique_ptr<kvm::Machine> machine_;
+  Napi::ThreadSafeFunction tsfn_;
+  Napi::Promise::Deferred done_;
+  Napi::ObjectReference done_promise_;
+  bool teardown_started_ = false;
+};
+
+Napi::FunctionReference* VmHandle::constructor = nullptr;
+
+class CreateWorker : public PromiseWorker {
+ public:
+  CreateWorker(Napi::Env env, kvm::MachineConfig config) : PromiseWorker(env), config_(std::move(config)) {}
+  void Work() override { machine_ = std::make_unique<kvm::Machine>(config_); }
+  Napi::Value Result(Napi::Env env) override {
+    auto* ctor = env.GetInstanceData<Napi::FunctionReference>();
+    return ctor->New({Napi::External<kvm::Machine>::New(env, machine_.release())});
+  }
+
+ private:
+  kvm::MachineConfig config_;
+  std::unique_ptr<kvm::Machine> machine_;
+};
+
+Napi::Value CreateVm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  kvm::MachineConfig config = ParseConfig(env, info[0]);
+  auto* w = new CreateWorker(env, std::move(config));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+void InitVm(Napi::Env env, Napi::Object exports) {
+  VmHandle::Init(env, exports);
+  exports.Set("createVm", Napi::Function::New(env, CreateVm, "createVm"));
+  exports.Set("defaultKvmDevice", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+                return Napi::String::New(info.Env(), kvm::DefaultDevicePath());
+              }));
+}
+
+Registrar reg("vm", InitVm);
+
+}  // namespace
+}  // namespace vmlet::addon

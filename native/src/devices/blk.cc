@@ -1,0 +1,248 @@
+// virtio-blk: one request queue, served on the vCPU thread that notifies.
+//
+// Data moves between the file and guest RAM with preadv/pwritev straight
+// into the chain's buffers: no bounce copy. Hazards: the request header is
+// copied out once before it is checked (the guest may rewrite it under us);
+// the status byte is written last, after the data, so a driver that sees
+// the status also sees the data; sector arithmetic is overflow-checked.
+#include "devices/blk.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <climits>
+#include <cstring>
+#include <mutex>
+
+#include "core/error.h"
+
+namespace vmlet {
+
+using namespace virtio;
+
+namespace {
+
+struct __attribute__((packed)) RequestHeader {
+  uint32_t type;
+  uint32_t reserved;
+  uint64_t sector;
+};
+static_assert(sizeof(RequestHeader) == 16);
+
+// The guest-visible config prefix we fill (5.2.4); later fields read as 0.
+struct __attribute__((packed)) BlkConfigSpace {
+  uint64_t capacity;
+  uint32_t size_max;
+  uint32_t seg_max;
+  uint16_t cylinders;
+  uint8_t heads;
+  uint8_t sectors;
+  uint32_t blk_size;
+};
+
+// preadv/pwritev take at most IOV_MAX iovecs and may transfer short; loop.
+bool TransferAll(int fd, std::vector<iovec> iov, uint64_t offset, bool write) {
+  size_t first = 0;
+  while (first < iov.size()) {
+    int cnt = static_cast<int>(std::min<size_t>(iov.size() - first, IOV_MAX));
+    ssize_t n = write ? pwritev(fd, &iov[first], cnt, static_cast<off_t>(offset))
+                      : preadv(fd, &iov[first], cnt, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;  // error, or end of file inside capacity (file shrank)
+    offset += static_cast<uint64_t>(n);
+    size_t left = static_cast<size_t>(n);
+    while (first < iov.size() && left >= iov[first].iov_len) left -= iov[first++].iov_len;
+    if (left) {
+      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + left;
+      iov[first].iov_len -= left;
+    }
+  }
+  return true;
+}
+
+class VirtioBlk : public VirtioDevice {
+ public:
+  VirtioBlk(int fd, uint64_t capacity_sectors, const BlkConfig& cfg)
+      : fd_(fd), capacity_(capacity_sectors), read_only_(cfg.read_only), id_(cfg.id) {
+    limits_.max_segment_bytes = blk::kSizeMax;
+    limits_.max_segments = blk::kSegMax + 2;
+  }
+  ~VirtioBlk() override { close(fd_); }
+
+  uint32_t device_id() const override { return blk::kDeviceId; }
+  uint64_t device_features() const override {
+    uint64_t f = kFeatureVersion1 | kFeatureIndirectDesc | kFeatureEventIdx | blk::kFeatureSizeMax |
+                 blk::kFeatureSegMax | blk::kFeatureBlkSize | blk::kFeatureFlush;
+    return read_only_ ? f | blk::kFeatureRo : f;
+  }
+  std::vector<uint16_t> queue_max_sizes() const override { return {blk::kQueueSize}; }
+
+  void ReadConfig(uint64_t offset, uint8_t* data, uint32_t len) override {
+    BlkConfigSpace c{};
+    c.capacity = capacity_;
+    c.size_max = blk::kSizeMax;
+    c.seg_max = blk::kSegMax;
+    c.blk_size = blk::kSectorSize;
+    std::memset(data, 0, len);
+    if (offset >= sizeof c) return;
+    std::memcpy(data, reinterpret_cast<const uint8_t*>(&c) + offset, std::min<uint64_t>(len, sizeof c - offset));
+  }
+  // Only `writeback` (with CONFIG_WCE) is writable in the spec; we offer neither.
+  void WriteConfig(uint64_t, const uint8_t*, uint32_t) override {}
+
+  void Activate(GuestMemory* mem, std::vector<Queue*> queues, std::shared_ptr<InterruptSink> irq) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    mem_ = mem;
+    queue_ = queues.empty() ? nullptr : queues[0];
+    irq_ = std::move(irq);
+  }
+
+  void QueueNotify(uint16_t index) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (index != 0 || !queue_ || !queue_->ready) return;
+    DescriptorChain chain;
+    bool used = false;
+    for (;;) {
+      PopResult r = queue_->Pop(*mem_, limits_, &chain);
+      if (r == PopResult::kEmpty) break;
+      if (r == PopResult::kBrokenRing) {
+        irq_->SignalNeedsReset();
+        return;
+      }
+      uint32_t written = r == PopResult::kChain ? Serve(chain) : 0;
+      // A refused chain is returned with nothing written: its buffers may
+      // not even be ours to touch, so no status byte can be trusted.
+      if (!queue_->AddUsed(*mem_, chain.head, written)) {
+        irq_->SignalNeedsReset();
+        return;
+      }
+      used = true;
+    }
+    if (used && queue_->NeedsInterrupt(*mem_)) irq_->SignalUsedBuffer();
+  }
+
+  void Reset() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    mem_ = nullptr;
+    queue_ = nullptr;
+    irq_.reset();
+  }
+
+ private:
+  // Returns used.len: bytes written into the chain, status byte included.
+  uint32_t Serve(const DescriptorChain& chain) {
+    RequestHeader h;
+    // Without a header or a writable status byte the request cannot even be
+    // failed properly; give it back with nothing written.
+    if (chain.writable_bytes == 0 || !chain.ReadFrom(0, &h, sizeof h)) return 0;
+    uint64_t status_at = chain.writable_bytes - 1;
+    uint64_t data_out = chain.readable_bytes - sizeof h;  // bytes after the header
+    uint64_t data_in = status_at;                         // writable bytes before the status
+    uint32_t written = 0;
+    uint8_t status = Execute(chain, h, data_out, data_in, &written);
+    chain.WriteTo(status_at, &status, 1);
+    return written + 1;
+  }
+
+  uint8_t Execute(const DescriptorChain& chain, const RequestHeader& h, uint64_t data_out, uint64_t data_in,
+                  uint32_t* written) {
+    switch (h.type) {
+      case blk::kTypeIn: {
+        // Device-readable data on a read means the buffers point the wrong
+        // way: refuse rather than guess which part the driver meant.
+        if (data_out != 0 || !InCapacity(h.sector, data_in)) return blk::kStatusIoErr;
+        std::vector<iovec> iov;
+        if (!DescriptorChain::Iovecs(chain.writable, 0, data_in, &iov)) return blk::kStatusIoErr;
+        if (!TransferAll(fd_, std::move(iov), h.sector * blk::kSectorSize, false)) return blk::kStatusIoErr;
+        *written = static_cast<uint32_t>(data_in);
+        return blk::kStatusOk;
+      }
+      case blk::kTypeOut: {
+        if (read_only_) return blk::kStatusIoErr;
+        if (data_in != 0 || !InCapacity(h.sector, data_out)) return blk::kStatusIoErr;
+        std::vector<iovec> iov;
+        if (!DescriptorChain::Iovecs(chain.readable, sizeof(RequestHeader), data_out, &iov)) return blk::kStatusIoErr;
+        if (!TransferAll(fd_, std::move(iov), h.sector * blk::kSectorSize, true)) return blk::kStatusIoErr;
+        return blk::kStatusOk;
+      }
+      case blk::kTypeFlush:
+        if (read_only_) return blk::kStatusOk;  // nothing of ours to make durable
+        return fdatasync(fd_) == 0 ? blk::kStatusOk : blk::kStatusIoErr;
+      case blk::kTypeGetId: {
+        // 5.2.6.1: up to 20 bytes, NUL-padded only when shorter.
+        uint8_t id[blk::kIdBytes] = {};
+        std::memcpy(id, id_.data(), std::min<size_t>(id_.size(), sizeof id));
+        uint64_t n = std::min<uint64_t>(data_in, sizeof id);
+        if (data_out != 0 || n == 0) return blk::kStatusIoErr;
+        chain.WriteTo(0, id, n);
+        *written = static_cast<uint32_t>(n);
+        return blk::kStatusOk;
+      }
+      default:
+        return blk::kStatusUnsupported;
+    }
+  }
+
+  // Whole sectors, entirely below capacity, without overflow.
+  bool InCapacity(uint64_t sector, uint64_t bytes) const {
+    if (bytes % blk::kSectorSize) return false;
+    uint64_t sectors = bytes / blk::kSectorSize;
+    return sector <= capacity_ && sectors <= capacity_ - sector;
+  }
+
+  int fd_;
+  uint64_t capacity_;
+  bool read_only_;
+  std::string id_;
+  ChainLimits limits_;
+  std::mutex mu_;
+  GuestMemory* mem_ = nullptr;
+  Queue* queue_ = nullptr;
+  std::shared_ptr<InterruptSink> irq_;
+};
+
+}  // namespace
+
+std::shared_ptr<VirtioDevice> MakeVirtioBlk(const BlkConfig& cfg) {
+  const char* op = "open virtio-blk backing file";
+  if (cfg.path.empty()) throw VmmError(ErrorKind::Device, op, "no path given: set disks[].path to a disk image file");
+  if (cfg.id.size() > blk::kIdBytes)
+    throw VmmError(ErrorKind::Device, "configure virtio-blk",
+                   "id '" + cfg.id + "' of " + cfg.path + " is longer than 20 bytes: shorten it");
+  int fd = open(cfg.path.c_str(), (cfg.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (fd < 0) {
+    const char* hint = errno == ENOENT   ? ": the file does not exist, create the disk image first"
+                       : errno == EACCES ? (cfg.read_only ? ": not readable by this user"
+                                                          : ": not writable by this user (or attach it read-only)")
+                       : errno == EROFS  ? ": on a read-only file system, attach it read-only"
+                                         : "";
+    throw SysError(ErrorKind::Device, op, cfg.path + hint);
+  }
+  struct stat st;
+  uint64_t bytes = 0;
+  if (fstat(fd, &st) != 0) {
+    auto e = SysError(ErrorKind::Device, "stat virtio-blk backing file", cfg.path);
+    close(fd);
+    throw e;
+  }
+  if (S_ISREG(st.st_mode)) {
+    bytes = static_cast<uint64_t>(st.st_size);
+  } else if (S_ISBLK(st.st_mode)) {
+    off_t end = lseek(fd, 0, SEEK_END);
+    if (end < 0) {
+      auto e = SysError(ErrorKind::Device, "size virtio-blk block device", cfg.path);
+      close(fd);
+      throw e;
+    }
+    bytes = static_cast<uint64_t>(end);
+  } else {
+    close(fd);
+    throw VmmError(ErrorKind::Device, op, cfg.path + " is neither a regular file nor a block device");
+  }
+  // A trailing partial sector is not addressable by the guest; it stays untouched.
+  return std::make_shared<VirtioBlk>(fd, bytes / blk::kSectorSize, cfg);
+}
+
+}  // namespace vmlet

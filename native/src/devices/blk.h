@@ -1,0 +1,46 @@
+// virtio-blk (virtio 1.x section 5.2) backed by a host file.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "virtio/device.h"
+
+namespace vmlet {
+
+struct BlkConfig {
+  std::string path;        // regular file or block device; its size / 512 is the capacity
+  bool read_only = false;  // advertises VIRTIO_BLK_F_RO; writes are answered with IOERR
+  std::string id;          // VIRTIO_BLK_T_GET_ID answer, at most 20 bytes
+};
+
+// Opens the backing file now, so a missing or unreadable file is reported at
+// VM creation. Throws VmmError(Device) naming the path and what to do.
+std::shared_ptr<virtio::VirtioDevice> MakeVirtioBlk(const BlkConfig& config);
+
+namespace blk {
+// Wire constants, shared with the tests (virtio 1.x 5.2.3 and 5.2.6).
+inline constexpr uint32_t kDeviceId = 2;
+inline constexpr uint64_t kFeatureSizeMax = 1ull << 1;
+inline constexpr uint64_t kFeatureSegMax = 1ull << 2;
+inline constexpr uint64_t kFeatureRo = 1ull << 5;
+inline constexpr uint64_t kFeatureBlkSize = 1ull << 6;
+inline constexpr uint64_t kFeatureFlush = 1ull << 9;
+inline constexpr uint32_t kTypeIn = 0;
+inline constexpr uint32_t kTypeOut = 1;
+inline constexpr uint32_t kTypeFlush = 4;
+inline constexpr uint32_t kTypeGetId = 8;
+inline constexpr uint8_t kStatusOk = 0;
+inline constexpr uint8_t kStatusIoErr = 1;
+inline constexpr uint8_t kStatusUnsupported = 2;
+inline constexpr uint32_t kSectorSize = 512;
+inline constexpr uint32_t kIdBytes = 20;
+// What we advertise. SEG_MAX follows QEMU (queue size - 2: header and status
+// take the other two descriptors). Requests are further capped at 8 MiB per
+// chain (virtio/queue.h): Linux issues at most max_sectors_kb (1280 KiB by
+// default) per request, far below.
+inline constexpr uint16_t kQueueSize = 128;
+inline constexpr uint32_t kSegMax = kQueueSize - 2;
+inline constexpr uint32_t kSizeMax = 1u << 20;
+}  // namespace blk
+
+}  // namespace vmlet

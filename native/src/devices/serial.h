@@ -1,0 +1,56 @@
+// A 16550A-compatible UART at 0x3f8 (IRQ 4), enough for Linux's 8250 driver
+// and the test guest: the register file with DLAB, loopback (Linux probes
+// the modem-status lines through it), THRE and receive interrupts.
+//
+// The transmitter is infinitely fast: every THR write is appended to the log
+// at once, so LSR always reports THRE|TEMT. Hazard: Linux writes only while it
+// gets THRE interrupts once IER.ETBEI is set; without the edge on IRQ 4 after
+// each byte or IER write, the console stalls after its first FIFO load.
+#pragma once
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "core/bus.h"
+
+namespace vmlet::devices {
+
+class Serial : public BusDevice {
+ public:
+  static constexpr uint64_t kBase = 0x3f8;
+  static constexpr uint64_t kSize = 8;
+  static constexpr uint32_t kIrq = 4;
+
+  // Creates/truncates `log_path`; throws VmmError(Device) when it cannot.
+  Serial(const std::string& log_path, std::shared_ptr<IrqLine> irq);
+  ~Serial() override;
+
+  void Read(uint64_t offset, uint8_t* data, uint32_t len) override;
+  void Write(uint64_t offset, const uint8_t* data, uint32_t len) override;
+
+  // Writes buffered output to the log (also done at each newline and on destruction).
+  void Flush();
+  uint64_t bytes_written() const;
+
+ private:
+  uint8_t ReadReg(uint64_t offset);
+  void WriteReg(uint64_t offset, uint8_t v);
+  void Emit(uint8_t byte);
+  void FlushLocked();
+  bool InterruptPending() const;
+  void UpdateInterrupt(bool was_pending);
+
+  mutable std::mutex mu_;
+  int fd_ = -1;
+  std::string out_;
+  uint64_t total_ = 0;
+  std::shared_ptr<IrqLine> irq_;
+  uint8_t ier_ = 0, lcr_ = 0x03, mcr_ = 0x08, scr_ = 0, fcr_ = 0;
+  uint8_t dll_ = 0x0c, dlm_ = 0;  // 9600 baud, what firmware leaves behind
+  bool thre_pending_ = false;
+  std::deque<uint8_t> rx_;
+};
+
+}  // namespace vmlet::devices

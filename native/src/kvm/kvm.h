@@ -1,0 +1,79 @@
+// The KVM system device (/dev/kvm): opening it with errors that say how to
+// fix the host, the API/capability checks, and the host-filtered CPUID and
+// MSR lists every vCPU is set up from.
+#pragma once
+#include <linux/kvm.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/bus.h"
+
+namespace vmlet::kvm {
+
+// Hazard: the uapi headers declare the variable-length KVM structs with
+// __DECLARE_FLEX_ARRAY, which in C++ puts a 1-byte empty struct before the
+// array: sizeof(kvm_cpuid2) becomes 12 instead of 8, the ioctl numbers encode
+// that wrong size (KVM answers EINVAL) and `entries` sits at the wrong offset.
+// These are the C layouts: a fixed header, then the array right after it.
+struct CpuidHeader {   // struct kvm_cpuid2
+  uint32_t nent;
+  uint32_t padding;
+};
+struct MsrsHeader {    // struct kvm_msrs
+  uint32_t nmsrs;
+  uint32_t pad;
+};
+struct MsrListHeader { // struct kvm_msr_list
+  uint32_t nmsrs;
+};
+static_assert(sizeof(CpuidHeader) == 8 && sizeof(MsrsHeader) == 8 && sizeof(MsrListHeader) == 4, "C layouts");
+inline constexpr unsigned long kIoctlGetSupportedCpuid = _IOWR(KVMIO, 0x05, CpuidHeader);
+inline constexpr unsigned long kIoctlSetCpuid2 = _IOW(KVMIO, 0x90, CpuidHeader);
+inline constexpr unsigned long kIoctlGetMsrIndexList = _IOWR(KVMIO, 0x02, MsrListHeader);
+inline constexpr unsigned long kIoctlSetMsrs = _IOW(KVMIO, 0x89, MsrsHeader);
+
+// VMLET_KVM_DEVICE overrides /dev/kvm (tests point it at a missing path to
+// exercise the "no KVM" error; a lab can point it at another node).
+std::string DefaultDevicePath();
+
+class Kvm {
+ public:
+  // Throws VmmError(Kvm): missing device (how to load the module), no
+  // permission (join the kvm group), wrong API version, missing capability.
+  explicit Kvm(const std::string& path);
+  ~Kvm();
+  Kvm(const Kvm&) = delete;
+  Kvm& operator=(const Kvm&) = delete;
+
+  int fd() const { return fd_; }
+  int CheckExtension(long cap) const;
+  size_t vcpu_mmap_size() const { return vcpu_mmap_size_; }
+  const std::vector<kvm_cpuid_entry2>& supported_cpuid() const { return cpuid_; }
+  const std::vector<uint32_t>& msr_index_list() const { return msrs_; }
+
+ private:
+  int fd_ = -1;
+  size_t vcpu_mmap_size_ = 0;
+  std::vector<kvm_cpuid_entry2> cpuid_;
+  std::vector<uint32_t> msrs_;
+};
+
+// An interrupt line driven through KVM_IRQFD: Trigger() is one eventfd write,
+// safe from any thread, no ioctl on the hot path. The eventfd closes with the
+// last owner (a device may hold it past the bus).
+class IrqFdLine : public IrqLine {
+ public:
+  IrqFdLine(int vm_fd, uint32_t gsi);
+  ~IrqFdLine() override;
+  void Trigger() override;
+  uint32_t gsi() const { return gsi_; }
+
+ private:
+  int efd_ = -1;
+  uint32_t gsi_;
+};
+
+}  // namespace vmlet::kvm

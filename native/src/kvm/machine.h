@@ -1,0 +1,161 @@
+// One microVM: guest RAM, the KVM VM and its vCPU threads, the buses and the
+// devices on them. Lifecycle: construct (everything allocated, kernel
+// loaded, nothing running) -> Start -> [Pause/Resume]* -> stop (a terminal
+// exit or RequestStop) -> Teardown (threads joined, devices shut down, every
+// fd closed, RAM unmapped). Teardown is explicit and idempotent; the
+// destructor only backs it up.
+//
+// Threads: each vCPU runs KVM_RUN on its own std::thread. A vCPU is kicked
+// out of KVM_RUN by a signal whose handler sets kvm_run->immediate_exit, so a
+// kick that lands just before KVM_RUN is not lost.
+#pragma once
+#include <linux/kvm.h>
+
+#include <array>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "boot/loader.h"
+#include "core/bus.h"
+#include "core/guest_memory.h"
+#include "kvm/kvm.h"
+
+namespace vmlet::virtio {
+class VirtioDevice;
+}
+namespace vmlet::devices {
+class Serial;
+}
+
+namespace vmlet::kvm {
+
+struct DiskSpec {
+  std::string path;
+  bool read_only = false;
+  std::string id;
+};
+struct VsockSpec {
+  uint64_t guest_cid = 0;
+  std::string uds_path;
+};
+
+struct MachineConfig {
+  std::string kvm_device;  // empty: DefaultDevicePath()
+  boot::BootSpec boot;
+  uint64_t memory_bytes = 0;
+  uint32_t cpus = 1;
+  std::string serial_log;
+  std::vector<DiskSpec> disks;
+  std::optional<VsockSpec> vsock;
+  // Hide KVM paravirt features (CPUID 0x40000001) from a guest that must not
+  // use hypercalls or kvmclock.
+  bool mask_kvm_paravirt = false;
+};
+
+struct VmExit {
+  enum class Reason { GuestExit, Reset, Shutdown, EmulationFailure, Killed, Error };
+  Reason reason = Reason::Error;
+  uint32_t code = 0;
+  std::string message;
+  uint64_t rip = 0;
+  std::vector<uint8_t> instruction;
+};
+const char* ReasonName(VmExit::Reason r);
+
+struct MachineStats {
+  std::vector<std::pair<std::string, uint64_t>> exits;  // by reason name, nonzero only
+  uint64_t created_ns = 0;      // CLOCK_MONOTONIC when construction began
+  uint64_t first_entry_ns = 0;  // CLOCK_MONOTONIC of the first KVM_RUN; 0 before it
+};
+
+class Machine {
+ public:
+  // Throws VmmError (Kvm, Memory, Boot, Device, InvalidArgument); on throw
+  // everything already allocated is released.
+  explicit Machine(const MachineConfig& config);
+  ~Machine();
+  Machine(const Machine&) = delete;
+  Machine& operator=(const Machine&) = delete;
+
+  // on_stopped runs exactly once, on the last vCPU thread to leave its loop,
+  // with the exit that stopped the VM. It must not call Teardown (which joins
+  // that very thread); hand off to another thread instead.
+  void Start(std::function<void(const VmExit&)> on_stopped);
+  // Blocks until every vCPU is parked outside KVM_RUN (or the VM stopped).
+  void Pause();
+  void Resume();
+  // Non-blocking. The first stop reason recorded wins.
+  void RequestStop(VmExit why);
+  // Blocking and idempotent: stops the VM if still running, joins, frees.
+  VmExit Teardown();
+
+  MachineStats Stats() const;
+  bool started() const { return started_; }
+  // The kernel command line as the guest sees it (virtio_mmio.device=... appended).
+  const std::string& cmdline() const { return cmdline_; }
+  const boot::BootPlan& boot_plan() const { return plan_; }
+
+ private:
+  struct Vcpu {
+    uint32_t index = 0;
+    int fd = -1;
+    kvm_run* run = nullptr;
+  };
+
+  void Build(const MachineConfig& config);
+  void CreateVcpu(uint32_t index);
+  void SetupCpuid(Vcpu& v);
+  void SetupMsrs(Vcpu& v);
+  void SetupLapic(Vcpu& v);
+  void SetupBootRegisters(Vcpu& v);
+  void RunVcpu(Vcpu& v);
+  bool HandleExit(Vcpu& v);  // false: this vCPU stops
+  void EmulationFailure(Vcpu& v);
+  void Kick();
+  void ReleaseResources();
+
+  uint64_t created_ns_ = 0;
+  std::atomic<uint64_t> first_entry_ns_{0};
+  std::unique_ptr<Kvm> kvm_;
+  int vm_fd_ = -1;
+  std::unique_ptr<GuestMemory> mem_;
+  Bus pio_;
+  Bus mmio_;
+  std::shared_ptr<devices::Serial> serial_;
+  std::vector<std::shared_ptr<virtio::VirtioDevice>> virtio_devices_;
+  std::vector<Vcpu> vcpus_;
+  std::vector<std::thread> threads_;
+  uint32_t cpus_ = 1;
+  bool mask_kvm_paravirt_ = false;
+  boot::BootPlan plan_;
+  std::string cmdline_;
+
+  // Run state, guarded by mu_.
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool started_ = false;
+  bool stopping_ = false;
+  bool pause_requested_ = false;
+  bool torn_down_ = false;
+  uint32_t parked_ = 0;
+  uint32_t running_threads_ = 0;
+  std::vector<pthread_t> live_threads_;  // vCPU threads that may be in KVM_RUN
+  std::optional<VmExit> exit_;
+  std::function<void(const VmExit&)> on_stopped_;
+
+  std::array<std::atomic<uint64_t>, 64> exit_counts_{};
+  std::atomic<uint64_t> unclaimed_io_{0};
+  std::atomic<uint64_t> unclaimed_mmio_{0};
+  std::atomic<uint64_t> interrupted_{0};
+  std::atomic<bool> mmio_logged_{false};
+};
+
+}  // namespace vmlet::kvm

@@ -1,0 +1,423 @@
+/* virtio-vsock driver: stream connections both ways with credit accounting
+ * (virtio 1.2 section 5.10), used by the check and bench modes. Polled: the
+ * device's IOAPIC pin stays masked and the rings carry NO_INTERRUPT. */
+#include "tg.h"
+
+#define HOST_CID 2
+#define OP_REQUEST 1
+#define OP_RESPONSE 2
+#define OP_RST 3
+#define OP_SHUTDOWN 4
+#define OP_RW 5
+#define OP_CREDIT_UPDATE 6
+#define OP_CREDIT_REQUEST 7
+#define TYPE_STREAM 1
+#define SHUT_RCV 1
+#define SHUT_SEND 2
+
+struct vsock_hdr {
+  u64 src_cid, dst_cid;
+  u32 src_port, dst_port, len;
+  u16 type, op;
+  u32 flags, buf_alloc, fwd_cnt;
+} __attribute__((packed));
+
+#define HDR ((u32)sizeof(struct vsock_hdr))
+/* 4 KiB payloads: what Linux and Firecracker use per packet. */
+#define PAYLOAD 4096u
+#define PKT (HDR + PAYLOAD)
+#define RX_N 64
+#define TX_N 64
+#define EV_N 4
+/* We consume every byte the moment it arrives, so the advertised buffer only
+ * paces the peer; half of it consumed triggers an explicit credit update. */
+#define OUR_BUF_ALLOC (256u << 10)
+
+enum { C_UNUSED, C_LISTEN, C_CONNECTING, C_ESTABLISHED, C_CLOSING, C_CLOSED };
+
+struct conn {
+  const char *name;
+  int state;
+  u32 local_port, peer_port;
+  u64 send_total, recv_total;
+  u64 sent, recvd;
+  u32 send_seed, recv_seed;
+  u32 peer_buf_alloc, peer_fwd_cnt, fwd_reported;
+  u32 sent_crc, recv_crc;
+  u64 mismatches, first_mismatch;
+  int credit_requested;
+  u64 close_started;
+  const char *close_how;
+  const char *error;
+  u64 t_begin, t_end;
+};
+
+struct vs {
+  struct virtio_dev *dev;
+  u64 cid;
+  struct virtq rxq, txq, evq;
+  u8 *rxbufs, *txbufs, *evbufs;
+  int tx_pending, rx_pending;
+  u64 credit_updates_sent, credit_requests_sent, pkts_rx, pkts_tx;
+};
+
+static struct vs vs;
+static struct conn conns[2];
+static int nconns;
+
+static int vs_open(struct virtio_dev *d) {
+  vs.dev = d;
+  if (virtio_negotiate(d, 0)) return -1;
+  u64 cfg = d->base + VIRTIO_MMIO_CONFIG;
+  vs.cid = (u64)mmio_read32(cfg) | ((u64)mmio_read32(cfg + 4) << 32);
+  if (virtq_setup(d, &vs.rxq, 0, RX_N, 0) || virtq_setup(d, &vs.txq, 1, TX_N, 0) || virtq_setup(d, &vs.evq, 2, EV_N, 0))
+    return -2;
+  vs.rxbufs = tg_alloc((usize)PKT * vs.rxq.size, 4096);
+  vs.txbufs = tg_alloc((usize)PKT * vs.txq.size, 4096);
+  vs.evbufs = tg_alloc(8ul * vs.evq.size, 64);
+  /* One device-writable descriptor per rx buffer, header and payload together
+   * (what Linux >= 6.2 posts); a device must not assume a framing. */
+  for (u16 k = 0; k < vs.rxq.size; k++) {
+    int h = virtq_alloc_chain(&vs.rxq, 1);
+    vs.rxq.desc[h].addr = (u64)(vs.rxbufs + (u64)h * PKT);
+    vs.rxq.desc[h].len = PKT;
+    vs.rxq.desc[h].flags = VIRTQ_DESC_F_WRITE;
+    virtq_publish(&vs.rxq, (u16)h);
+  }
+  for (u16 k = 0; k < vs.evq.size; k++) {
+    int h = virtq_alloc_chain(&vs.evq, 1);
+    vs.evq.desc[h].addr = (u64)(vs.evbufs + 8ul * (u64)h);
+    vs.evq.desc[h].len = 8;
+    vs.evq.desc[h].flags = VIRTQ_DESC_F_WRITE;
+    virtq_publish(&vs.evq, (u16)h);
+  }
+  if (virtio_driver_ok(d)) return -3;
+  virtq_kick(&vs.rxq);
+  virtq_kick(&vs.evq);
+  return 0;
+}
+
+static void tx_reap(void) {
+  while (virtq_has_used(&vs.txq)) {
+    struct virtq_used_elem e = virtq_pop_used(&vs.txq);
+    virtq_free_chain(&vs.txq, (u16)e.id);
+  }
+}
+
+/* Queues one packet; payload (len bytes) is generated from the pattern at
+ * the connection's send offset. 0 on success, -1 when the tx ring is full. */
+static int tx_packet(struct conn *c, u32 peer_port, u32 local_port, u16 op, u32 flags, u32 len) {
+  int h = virtq_alloc_chain(&vs.txq, 1);
+  if (h < 0) {
+    tx_reap();
+    h = virtq_alloc_chain(&vs.txq, 1);
+    if (h < 0) return -1;
+  }
+  u8 *buf = vs.txbufs + (u64)h * PKT;
+  struct vsock_hdr *hd = (struct vsock_hdr *)buf;
+  hd->src_cid = vs.cid;
+  hd->dst_cid = HOST_CID;
+  hd->src_port = local_port;
+  hd->dst_port = peer_port;
+  hd->len = len;
+  hd->type = TYPE_STREAM;
+  hd->op = op;
+  hd->flags = flags;
+  hd->buf_alloc = OUR_BUF_ALLOC;
+  hd->fwd_cnt = c ? (u32)c->recvd : 0;
+  if (c) c->fwd_reported = hd->fwd_cnt;
+  if (len) {
+    pattern_fill(c->send_seed, c->sent, buf + HDR, len);
+    c->sent_crc = crc32_update(c->sent_crc, buf + HDR, len);
+    c->sent += len;
+  }
+  vs.txq.desc[h].addr = (u64)buf;
+  vs.txq.desc[h].len = HDR + len;
+  vs.txq.desc[h].flags = 0;
+  virtq_publish(&vs.txq, (u16)h);
+  vs.tx_pending = 1;
+  vs.pkts_tx++;
+  return 0;
+}
+
+static void conn_fail(struct conn *c, const char *why) {
+  if (!c->error) c->error = why;
+  if (c->state != C_CLOSED) tx_packet(NULL, c->peer_port, c->local_port, OP_RST, 0, 0);
+  c->state = C_CLOSED;
+  c->close_how = "error";
+  c->t_end = rdtsc();
+}
+
+static u8 expect[PAYLOAD];
+
+static void rx_data(struct conn *c, const u8 *p, u32 len) {
+  if (c->recvd + len > c->recv_total) {
+    conn_fail(c, "peer-sent-too-much");
+    return;
+  }
+  pattern_fill(c->recv_seed, c->recvd, expect, len);
+  if (memcmp(p, expect, len) != 0) {
+    for (u32 k = 0; k < len; k++)
+      if (p[k] != expect[k]) {
+        if (!c->mismatches) c->first_mismatch = c->recvd + k;
+        c->mismatches++;
+      }
+  }
+  c->recv_crc = crc32_update(c->recv_crc, p, len);
+  c->recvd += len;
+}
+
+static struct conn *find_conn(u32 local_port, u32 peer_port) {
+  for (int i = 0; i < nconns; i++)
+    if (conns[i].local_port == local_port && conns[i].peer_port == peer_port &&
+        conns[i].state != C_LISTEN && conns[i].state != C_UNUSED)
+      return &conns[i];
+  return NULL;
+}
+
+static void rx_packet(const u8 *buf, u32 used_len) {
+  const struct vsock_hdr *h = (const struct vsock_hdr *)buf;
+  vs.pkts_rx++;
+  if (used_len < HDR || h->len > PAYLOAD || HDR + h->len > used_len) {
+    tg_printf("TG vsock-warn what=bad-rx-packet used_len=%u hdr_len=%u op=%u\n", used_len, h->len, h->op);
+    return;
+  }
+  if (h->type != TYPE_STREAM || h->dst_cid != vs.cid) {
+    tg_printf("TG vsock-warn what=foreign-packet type=%u dst_cid=%lu op=%u\n", h->type, h->dst_cid, h->op);
+    return;
+  }
+  struct conn *c = find_conn(h->dst_port, h->src_port);
+  if (!c && h->op == OP_REQUEST) {
+    for (int i = 0; i < nconns; i++)
+      if (conns[i].state == C_LISTEN && conns[i].local_port == h->dst_port) c = &conns[i];
+    if (!c) {
+      tx_packet(NULL, h->src_port, h->dst_port, OP_RST, 0, 0);
+      return;
+    }
+    c->peer_port = h->src_port;
+    c->peer_buf_alloc = h->buf_alloc;
+    c->peer_fwd_cnt = h->fwd_cnt;
+    c->state = C_ESTABLISHED;
+    c->t_begin = rdtsc();
+    tx_packet(c, c->peer_port, c->local_port, OP_RESPONSE, 0, 0);
+    return;
+  }
+  if (!c) {
+    if (h->op != OP_RST) tx_packet(NULL, h->src_port, h->dst_port, OP_RST, 0, 0);
+    return;
+  }
+  c->peer_buf_alloc = h->buf_alloc;
+  c->peer_fwd_cnt = h->fwd_cnt;
+  switch (h->op) {
+    case OP_RESPONSE:
+      if (c->state == C_CONNECTING) {
+        c->state = C_ESTABLISHED;
+        c->t_begin = rdtsc();
+      }
+      break;
+    case OP_RW:
+      if (c->state == C_ESTABLISHED || c->state == C_CLOSING) rx_data(c, buf + HDR, h->len);
+      break;
+    case OP_CREDIT_REQUEST:
+      tx_packet(c, c->peer_port, c->local_port, OP_CREDIT_UPDATE, 0, 0);
+      vs.credit_updates_sent++;
+      break;
+    case OP_CREDIT_UPDATE:
+      c->credit_requested = 0;
+      break;
+    case OP_SHUTDOWN:
+      if (c->state == C_CLOSING) {
+        tx_packet(c, c->peer_port, c->local_port, OP_RST, 0, 0);
+        c->state = C_CLOSED;
+        c->close_how = "peer-shutdown";
+        c->t_end = rdtsc();
+      } else if ((h->flags & SHUT_SEND) && c->recvd < c->recv_total) {
+        conn_fail(c, "peer-shutdown-before-all-data");
+      } else if (c->sent >= c->send_total) {
+        tx_packet(c, c->peer_port, c->local_port, OP_RST, 0, 0);
+        c->state = C_CLOSED;
+        c->close_how = "peer-shutdown";
+        c->t_end = rdtsc();
+      }
+      break;
+    case OP_RST:
+      /* Both ends closed at once (our SHUTDOWN crossed the host's): the
+       * connection is already gone here, so the RST is for nothing (Linux
+       * ignores an RST without a socket too). */
+      if (c->state == C_CLOSED) break;
+      if (c->state == C_CLOSING) {
+        c->state = C_CLOSED;
+        c->close_how = "rst";
+        c->t_end = rdtsc();
+      } else {
+        conn_fail(c, c->state == C_CONNECTING ? "connection-refused" : "reset-by-peer");
+        c->state = C_CLOSED;
+      }
+      break;
+    default:
+      break;
+  }
+}
+
+static void rx_drain(void) {
+  while (virtq_has_used(&vs.rxq)) {
+    struct virtq_used_elem e = virtq_pop_used(&vs.rxq);
+    rx_packet(vs.rxbufs + (u64)e.id * PKT, e.len);
+    /* Same descriptor back to the device: chains are one descriptor long. */
+    vs.rxq.desc[e.id].len = PKT;
+    virtq_publish(&vs.rxq, (u16)e.id);
+    vs.rx_pending = 1;
+  }
+}
+
+static int conn_pump(struct conn *c) {
+  int progress = 0;
+  if (c->state != C_ESTABLISHED) return 0;
+  while (c->sent < c->send_total) {
+    u32 inflight = (u32)c->sent - c->peer_fwd_cnt;
+    u32 credit = c->peer_buf_alloc > inflight ? c->peer_buf_alloc - inflight : 0;
+    if (credit == 0) {
+      if (!c->credit_requested) {
+        tx_packet(c, c->peer_port, c->local_port, OP_CREDIT_REQUEST, 0, 0);
+        vs.credit_requests_sent++;
+        c->credit_requested = 1;
+      }
+      break;
+    }
+    u64 n = c->send_total - c->sent;
+    if (n > PAYLOAD) n = PAYLOAD;
+    if (n > credit) n = credit;
+    if (tx_packet(c, c->peer_port, c->local_port, OP_RW, 0, (u32)n)) break;
+    progress = 1;
+  }
+  if ((u32)c->recvd - c->fwd_reported >= OUR_BUF_ALLOC / 2) {
+    tx_packet(c, c->peer_port, c->local_port, OP_CREDIT_UPDATE, 0, 0);
+    vs.credit_updates_sent++;
+  }
+  if (c->sent >= c->send_total && c->recvd >= c->recv_total) {
+    tx_packet(c, c->peer_port, c->local_port, OP_SHUTDOWN, SHUT_RCV | SHUT_SEND, 0);
+    c->state = C_CLOSING;
+    c->close_started = rdtsc();
+    progress = 1;
+  }
+  return progress;
+}
+
+/* Runs every connection to completion; returns 0 when all closed in time. */
+static int vs_run(void) {
+  u64 last_progress = rdtsc();
+  for (;;) {
+    int open = 0, progress = 0;
+    u64 before = vs.pkts_rx;
+    rx_drain();
+    if (vs.pkts_rx != before) progress = 1;
+    tx_reap();
+    for (int i = 0; i < nconns; i++) {
+      struct conn *c = &conns[i];
+      progress |= conn_pump(c);
+      if (c->state == C_CLOSING && rdtsc() - c->close_started > TG_TIMEOUT_CYCLES / 20) {
+        /* Spec 5.10.6.6: no RST from the peer in time, so force it. */
+        tx_packet(c, c->peer_port, c->local_port, OP_RST, 0, 0);
+        c->state = C_CLOSED;
+        c->close_how = "forced-rst";
+        c->t_end = rdtsc();
+      }
+      if (c->state != C_CLOSED) open++;
+    }
+    if (vs.rx_pending) { virtq_kick(&vs.rxq); vs.rx_pending = 0; }
+    if (vs.tx_pending) { virtq_kick(&vs.txq); vs.tx_pending = 0; }
+    if (!open) return 0;
+    u64 now = rdtsc();
+    if (progress) last_progress = now;
+    else if (now - last_progress > TG_TIMEOUT_CYCLES) {
+      for (int i = 0; i < nconns; i++)
+        if (conns[i].state != C_CLOSED) conn_fail(&conns[i], "timeout");
+      if (vs.tx_pending) virtq_kick(&vs.txq);
+      return -1;
+    }
+    else cpu_relax();
+  }
+}
+
+static void conn_init(struct conn *c, const char *name, int state, u32 local, u32 peer, u64 send, u64 recv, u32 sseed, u32 rseed) {
+  memset(c, 0, sizeof *c);
+  c->name = name;
+  c->state = state;
+  c->local_port = local;
+  c->peer_port = peer;
+  c->send_total = send;
+  c->recv_total = recv;
+  c->send_seed = sseed;
+  c->recv_seed = rseed;
+  c->sent_crc = ~0u;
+  c->recv_crc = ~0u;
+  c->close_how = "none";
+}
+
+static int conn_report(struct conn *c) {
+  int ok = !c->error && c->sent == c->send_total && c->recvd == c->recv_total && c->mismatches == 0;
+  tg_printf("TG vsock-%s local_port=%u peer_port=%u sent=%lu sent_crc32=%08x recv=%lu recv_crc32=%08x mismatches=%lu first_mismatch=%lu close=%s error=%s result=%s\n",
+            c->name, c->local_port, c->peer_port, c->sent, ~c->sent_crc, c->recvd, ~c->recv_crc, c->mismatches,
+            c->first_mismatch, c->close_how, c->error ? c->error : "none", ok ? "pass" : "fail");
+  tg_result(c->name, ok);
+  return ok;
+}
+
+#define LOCAL_CONNECT_PORT 50000
+
+void vsock_check(void) {
+  int di = tg_find_device(19, 0);
+  if (di < 0) {
+    tg_printf("TG vsock skipped=no-virtio-vsock-device\n");
+    return;
+  }
+  if (!tg_args.vsock_port && !tg_args.vsock_listen) {
+    tg_printf("TG vsock skipped=no-tg.vsock_port-or-tg.vsock_listen\n");
+    return;
+  }
+  int rc = vs_open(&tg_devs[di]);
+  if (rc) {
+    tg_printf("TG vsock error=setup rc=%d result=fail\n", rc);
+    tg_result("vsock", 0);
+    return;
+  }
+  u64 n = tg_args.vsock_bytes;
+  nconns = 0;
+  if (tg_args.vsock_port) {
+    struct conn *c = &conns[nconns++];
+    conn_init(c, "connect", C_CONNECTING, LOCAL_CONNECT_PORT, tg_args.vsock_port, n, n, tg_args.seed + 1, tg_args.seed + 2);
+    tx_packet(c, c->peer_port, c->local_port, OP_REQUEST, 0, 0);
+  }
+  if (tg_args.vsock_listen)
+    conn_init(&conns[nconns++], "listen", C_LISTEN, tg_args.vsock_listen, 0, n, n, tg_args.seed + 3, tg_args.seed + 4);
+  /* The host test connects to the listening port once it reads this line. */
+  tg_printf("TG vsock cid=%lu bytes=%lu connect_port=%u listen_port=%u ready=1\n", vs.cid, n, tg_args.vsock_port, tg_args.vsock_listen);
+  vs_run();
+  for (int i = 0; i < nconns; i++) conn_report(&conns[i]);
+  tg_printf("TG vsock-stats pkts_rx=%lu pkts_tx=%lu credit_updates=%lu credit_requests=%lu\n", vs.pkts_rx, vs.pkts_tx,
+            vs.credit_updates_sent, vs.credit_requests_sent);
+}
+
+void vsock_bench(void) {
+  int di = tg_find_device(19, 0);
+  if (di < 0 || !tg_args.vsock_port) {
+    tg_printf("TG bench-vsock error=%s result=fail\n", di < 0 ? "no-virtio-vsock-device" : "no-tg.vsock_port");
+    tg_result("bench-vsock", 0);
+    return;
+  }
+  if (vs_open(&tg_devs[di])) {
+    tg_printf("TG bench-vsock error=setup result=fail\n");
+    tg_result("bench-vsock", 0);
+    return;
+  }
+  u64 bytes = (tg_args.mib ? tg_args.mib : 64) << 20;
+  nconns = 1;
+  struct conn *c = &conns[0];
+  conn_init(c, "bench", C_CONNECTING, LOCAL_CONNECT_PORT, tg_args.vsock_port, bytes, 0, tg_args.seed + 5, 0);
+  tg_printf("TG bench-vsock begin bytes=%lu\n", bytes);
+  tx_packet(c, c->peer_port, c->local_port, OP_REQUEST, 0, 0);
+  virtq_kick(&vs.txq);
+  vs_run();
+  tg_printf("TG bench-vsock end bytes=%lu cycles=%lu\n", c->sent, c->t_end - c->t_begin);
+  conn_report(c);
+}

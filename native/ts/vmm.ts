@@ -1,0 +1,207 @@
+// The typed facade of the VMM in the native addon: the only way TypeScript
+// starts, pauses and stops microVMs. See the VMM contract (issue 3).
+//
+// Lifetime: a Vm's resources (vCPU threads, KVM fds, guest RAM) are freed when
+// it exits or is killed, never by the garbage collector; a running VM keeps
+// the Node process alive like a child process does. Always kill() or wait().
+import { join } from 'node:path';
+
+export interface DiskConfig {
+  path: string;
+  readOnly?: boolean;
+  /** VIRTIO_BLK_T_GET_ID answer (at most 20 bytes). */
+  id?: string;
+}
+
+export interface VmConfig {
+  /** PVH ELF, ELF vmlinux or bzImage. */
+  kernel: string;
+  initrd?: string;
+  /** virtio_mmio.device=... entries are appended by the VMM. */
+  cmdline?: string;
+  memoryMiB: number;
+  cpus: number;
+  /** File receiving the 8250 output, byte-exact and in order (created or truncated). */
+  serialLog: string;
+  disks?: DiskConfig[];
+  vsock?: { cid: number; udsPath: string };
+  /** 'auto' (default): PVH when the ELF has a PVH note, else the Linux 64-bit protocol. */
+  bootProtocol?: 'auto' | 'pvh' | 'linux';
+  /** Hide KVM paravirt features (CPUID 0x40000001) from the guest. */
+  maskKvmParavirt?: boolean;
+  /** KVM device node; default $VMLET_KVM_DEVICE, else /dev/kvm. */
+  kvmDevice?: string;
+}
+
+export type VmExit =
+  | { reason: 'guest-exit'; code: number }
+  | { reason: 'reset' }
+  | { reason: 'shutdown'; message: string }
+  | { reason: 'emulation-failure'; message: string; rip: bigint; instruction: Buffer }
+  | { reason: 'killed' }
+  | { reason: 'error'; message: string };
+
+export interface VmStats {
+  /** VM exits by reason ('io', 'mmio', 'hlt', ..., 'io-unclaimed', 'mmio-unclaimed', 'kicked'). */
+  exits: Record<string, number>;
+  /** CLOCK_MONOTONIC (the clock of process.hrtime.bigint()) of the first KVM_RUN. */
+  firstEntryNs?: bigint;
+  /** CLOCK_MONOTONIC when the VMM began creating the VM. */
+  createdNs?: bigint;
+}
+
+/** Every error the VMM raises; `op` names the failing operation, `code` the errno name when there is one. */
+export class VmmError extends Error {
+  op?: string;
+  code?: string;
+  errno?: number;
+  constructor(message: string, init?: { op?: string; code?: string; errno?: number }) {
+    super(message);
+    this.name = new.target.name;
+    if (init) Object.assign(this, init);
+  }
+}
+/** /dev/kvm missing or not permitted, or an ioctl refused. */
+export class KvmError extends VmmError {}
+/** Kernel/initrd missing or not bootable. */
+export class BootError extends VmmError {}
+/** A device's backing file, socket or log could not be set up. */
+export class DeviceError extends VmmError {}
+/** Guest RAM could not be created or mapped. */
+export class GuestMemoryError extends VmmError {}
+/** The config or call is wrong: what was asked and how to fix it is in the message. */
+export class InvalidArgumentError extends VmmError {}
+
+const errorClasses: Record<string, new (m: string, i?: { op?: string; code?: string; errno?: number }) => VmmError> = {
+  KvmError,
+  BootError,
+  DeviceError,
+  GuestMemoryError,
+  InvalidArgumentError,
+};
+
+function typed(e: unknown): unknown {
+  if (!(e instanceof Error) || e instanceof VmmError) return e;
+  const raw = e as Error & { op?: string; code?: string; errno?: number };
+  const cls = errorClasses[raw.name];
+  if (!cls) return e;
+  return new cls(raw.message, { op: raw.op, code: raw.code, errno: raw.errno });
+}
+
+interface NativeVmHandle {
+  start(): void;
+  pause(): Promise<void>;
+  resume(): void;
+  kill(): Promise<VmExit>;
+  wait(): Promise<VmExit>;
+  stats(): VmStats;
+  cmdline(): string;
+}
+interface NativeAddon {
+  createVm(config: VmConfig): Promise<NativeVmHandle>;
+  defaultKvmDevice(): string;
+}
+
+let addon: NativeAddon | undefined;
+/** The built addon: this file runs from dist/native/ts/, the addon sits in native/build/Release/. */
+export const addonPath = join(__dirname, '..', '..', '..', 'native', 'build', 'Release', 'vmlet.node');
+
+function native(): NativeAddon {
+  if (!addon) {
+    try {
+      addon = require(addonPath) as NativeAddon;
+    } catch (e) {
+      throw new VmmError(`cannot load the vmlet addon at ${addonPath}: run npm run build:native (${(e as Error).message})`);
+    }
+  }
+  return addon;
+}
+
+function validate(config: VmConfig): void {
+  const bad = (what: string): never => {
+    throw new InvalidArgumentError(`invalid VM config: ${what}`, { op: 'create VM' });
+  };
+  if (typeof config !== 'object' || config === null) bad('the config must be an object');
+  if (typeof config.kernel !== 'string' || config.kernel === '') bad('kernel must be the path of a PVH ELF, ELF vmlinux or bzImage');
+  if (!Number.isInteger(config.memoryMiB) || config.memoryMiB < 2) bad(`memoryMiB is ${config.memoryMiB}: use a whole number >= 2`);
+  if (!Number.isInteger(config.cpus) || config.cpus < 1 || config.cpus > 255) bad(`cpus is ${config.cpus}: use 1..255`);
+  if (typeof config.serialLog !== 'string' || config.serialLog === '') bad('serialLog must be the path of a file to receive serial output');
+  if (config.vsock && (!Number.isInteger(config.vsock.cid) || config.vsock.cid < 3))
+    bad(`vsock.cid is ${config.vsock.cid}: guest CIDs start at 3 (0-2 are reserved)`);
+}
+
+export class Vm {
+  private exited = false;
+  private readonly done: Promise<VmExit>;
+
+  private constructor(private readonly handle: NativeVmHandle) {
+    this.done = handle.wait().then(
+      (exit) => {
+        this.exited = true;
+        return exit;
+      },
+      (e: unknown) => {
+        this.exited = true;
+        throw typed(e);
+      },
+    );
+    // A VM nobody waits on must not turn its exit into an unhandled rejection.
+    this.done.catch(() => undefined);
+  }
+
+  /** Allocates RAM, creates the KVM VM and vCPUs and loads the kernel; nothing runs until start(). */
+  static async create(config: VmConfig): Promise<Vm> {
+    validate(config);
+    try {
+      return new Vm(await native().createVm(config));
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  /** The KVM device used when VmConfig.kvmDevice is not given. */
+  static defaultKvmDevice(): string {
+    return native().defaultKvmDevice();
+  }
+
+  start(): void {
+    try {
+      this.handle.start();
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  /** Resolves once every vCPU is parked outside the guest. */
+  async pause(): Promise<void> {
+    try {
+      await this.handle.pause();
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  resume(): void {
+    this.handle.resume();
+  }
+
+  /** Stops the VM if it still runs; idempotent. Resolves with the exit once every resource is freed. */
+  kill(): Promise<VmExit> {
+    if (!this.exited) this.handle.kill().catch(() => undefined);
+    return this.done;
+  }
+
+  /** Resolves once, when the VM has stopped and been torn down. */
+  wait(): Promise<VmExit> {
+    return this.done;
+  }
+
+  stats(): VmStats {
+    return this.handle.stats();
+  }
+
+  /** The kernel command line the guest received (with the virtio_mmio.device= entries). */
+  cmdline(): string {
+    return this.handle.cmdline();
+  }
+}
