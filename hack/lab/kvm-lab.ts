@@ -230,6 +230,8 @@ export interface RunReport {
   runDir: string;
 }
 
+const TCG_LACKS = ['rdseed', 'sha-ni', 'fxsr-opt', 'misalignsse', '3dnowprefetch', 'osvw', 'topoext', 'nrip-save', 'xsavec'];
+
 function qemuArgs(opts: LabOptions, art: LabArtefacts, sock: (n: string) => string, jobPath: string): string[] {
   const append = ['console=ttyS0', 'panic=-1', `vmlet.mode=${opts.mode}`, `vmlet.job=${jobPath}`];
   if (opts.scratch) append.push(`vmlet.scratch=${opts.scratch}`);
@@ -237,7 +239,9 @@ function qemuArgs(opts: LabOptions, art: LabArtefacts, sock: (n: string) => stri
     '-nodefaults', '-no-user-config', '-display', 'none', '-no-reboot',
     // TCG: the host's /dev/kvm cannot run a standard kernel (see DESIGN.md). EPYC
     // with +svm is the AMD CPU that Debian's kvm_amd accepts for nested SVM.
-    '-accel', 'tcg,thread=multi', '-M', 'q35', '-cpu', 'EPYC,+svm',
+    // The features turned off are ones TCG cannot provide anyway: naming them
+    // only keeps QEMU's warnings about them out of every failure message.
+    '-accel', 'tcg,thread=multi', '-M', 'q35', '-cpu', `EPYC,+svm,${TCG_LACKS.map((f) => `-${f}`).join(',')}`,
     '-smp', String(opts.cpus), '-m', String(opts.memMiB),
     '-kernel', art.kernel, '-initrd', art.initrd, '-append', append.join(' '),
     '-virtfs', 'local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap',
@@ -277,8 +281,14 @@ class QemuProcess {
       this.child.stderr?.pipe(qemuLog, { end: false });
     }
     this.exited = new Promise((res) => {
-      const finish = (): void => { this.done = true; qemuLog?.end(); res(); };
-      this.child.on('exit', finish);
+      // 'close' (not 'exit'): QEMU's last words must be in qemu.log before anyone reads it.
+      const finish = (): void => {
+        if (this.done) return;
+        this.done = true;
+        if (qemuLog) qemuLog.end(() => res());
+        else res();
+      };
+      this.child.on('close', finish);
       this.child.on('error', (e) => { qemuLog?.write(`spawn failed: ${e.message}\n`); finish(); });
     });
     liveQemus.add(this);
@@ -383,11 +393,17 @@ async function bootAttempt(
     }
   });
   void q.exited.then(() => {
-    // A reset (-no-reboot turns it into an exit) or a panic before the marker is a
-    // wedged boot worth retrying; after it, the command's L2 died under it.
-    settle(readyAt === null
-      ? { kind: 'wedged', why: `QEMU exited (${q.child.exitCode ?? q.child.signalCode}) before the readiness marker` }
-      : { kind: 'failed', why: `L2 went down while the command ran (QEMU exit ${q.child.exitCode ?? q.child.signalCode})` });
+    const how = q.child.exitCode ?? q.child.signalCode;
+    // A reset (-no-reboot turns it into exit 0) or a panic (panic=-1 reboots) before
+    // the marker is a wedged boot worth retrying. QEMU failing on its own (bad
+    // option, missing file: exit 1) fails the same way every time: say why instead.
+    if (readyAt === null && q.child.exitCode !== null && q.child.exitCode !== 0) {
+      settle({ kind: 'failed', why: `QEMU failed to run L2 (exit ${how}): ${tail(sock('qemu.log'), 5).trim() || 'no message'}` });
+    } else {
+      settle(readyAt === null
+        ? { kind: 'wedged', why: `QEMU exited (${how}) before the readiness marker` }
+        : { kind: 'failed', why: `L2 went down while the command ran (QEMU exit ${how})` });
+    }
   });
 
   const o = await outcome;
@@ -487,9 +503,11 @@ export async function runLab(opts: LabOptions): Promise<RunReport> {
     exitCode, attempts, retries: attempts.length - 1, cycleSeconds: (Date.now() - t0) / 1000, runDir,
   };
   if (opts.mode === 'run' && last) {
-    say(`L2 ready in ${last.readySeconds?.toFixed(1) ?? '-'} s on attempt ${attempts.length} (${result.retries} ${result.retries === 1 ? 'retry' : 'retries'}); `
-      + `${last.detail} after ${last.commandSeconds?.toFixed(1) ?? '-'} s; cycle ${result.cycleSeconds.toFixed(1)} s`
-      + (keepLogs ? `; logs kept in ${runDir}` : ''));
+    const tries = `attempt ${attempts.length} (${result.retries} ${result.retries === 1 ? 'retry' : 'retries'})`;
+    say((last.readySeconds === null
+      ? `L2 not ready on ${tries}: ${last.outcome}`
+      : `L2 ready in ${last.readySeconds.toFixed(1)} s on ${tries}; ${last.detail} after ${last.commandSeconds?.toFixed(1) ?? '-'} s`)
+      + `; cycle ${result.cycleSeconds.toFixed(1)} s` + (keepLogs ? `; logs kept in ${runDir}` : ''));
   }
   if (opts.report) writeFileSync(opts.report, JSON.stringify(result, null, 2) + '\n');
   if (!keepLogs) rmSync(runDir, { recursive: true, force: true });
