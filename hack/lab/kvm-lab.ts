@@ -71,7 +71,8 @@ options:
   --retries N           boot attempts after a wedged or reset L2 (default 2)
   --scratch DIR         pass DIR through read-write at the same path
   -e NAME[=VALUE]       pass an environment variable (PATH, HOME, LANG, TERM, CI and
-                        VMLET_* are passed by default; VMLET_LAB=inside is always set)
+                        VMLET_* are passed by default; VMLET_LAB=inside and
+                        VMLET_LAB_KERNEL, the L2 kernel's path, are always set)
   --report FILE         write a JSON report of the run (for hack/lab/soak)
 The L2 artefacts come from hack/lab/prepare (run by sudo hack/setup).`;
 
@@ -448,7 +449,9 @@ export async function runLab(opts: LabOptions): Promise<RunReport> {
   const art = findArtefacts();
   const runDir = plainPath('the run directory', mkdtempSync(join(tmpdir(), 'kvm-lab-')));
   const jobPath = join(runDir, 'job');
-  writeFileSync(jobPath, jobScript(opts), { mode: 0o644 });
+  // L2's own kernel, for commands inside that boot an L3 Linux (hack/lab/l3-boot).
+  const env = { ...opts.env, VMLET_LAB_KERNEL: art.kernel };
+  writeFileSync(jobPath, jobScript({ ...opts, env }), { mode: 0o644 });
 
   const abort: { onSignal?: (s: NodeJS.Signals) => void; signal?: NodeJS.Signals } = {};
   const onSignal = (s: NodeJS.Signals): void => {
