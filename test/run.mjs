@@ -131,7 +131,9 @@ async function labStage() {
   const started = Date.now();
   // The inner runner's lines are prefixed so that its own closing line is not
   // mistaken for this run's.
-  const child = spawn(kvmLab, ['run', '--timeout', String(budget), '--', process.execPath, 'test/run.mjs', ...labSuites],
+  // --rerun-on-hang: an L2 that hangs under the suites (rare, seen as an RCU
+  // stall with a vCPU that never answers) is killed and the suites run again.
+  const child = spawn(kvmLab, ['run', '--timeout', String(budget), '--rerun-on-hang', '1', '--', process.execPath, 'test/run.mjs', ...labSuites],
     { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
   let inner = null;
   let labSummary = '';
@@ -145,7 +147,8 @@ async function labStage() {
         buf = buf.slice(nl + 1);
         const m = /^(\d+) passed, (\d+) failed, (\d+) skipped$/.exec(line);
         if (m && out === process.stdout) inner = { passed: +m[1], failed: +m[2], skipped: +m[3] };
-        if (line.startsWith('kvm-lab: L2 ready')) labSummary = line.slice('kvm-lab: '.length);
+        if (/^kvm-lab: L2 (ready|not ready)/.test(line)) labSummary = line.slice('kvm-lab: '.length);
+        if (line.startsWith('kvm-lab: running the command again')) inner = null;
         out.write(`lab| ${line}\n`);
       }
     });

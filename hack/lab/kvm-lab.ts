@@ -48,6 +48,10 @@ export interface LabOptions {
   stallS: number;
   /** Extra boot attempts after a wedged or reset L2. */
   retries: number;
+  /** Seconds without L2's heartbeat while the command runs that count as a hung L2. */
+  hangS: number;
+  /** Times to run the command again, from a fresh boot, when L2 hangs under it. */
+  rerunOnHang: number;
   scratch?: string;
   /** Where to write a JSON report of the run (attempts, times, outcome). */
   report?: string;
@@ -69,6 +73,11 @@ options:
   --boot-timeout SECONDS  L2 must be ready within this long or it is retried (default 120)
   --stall SECONDS       a boot silent this long on the console is retried (default 30)
   --retries N           boot attempts after a wedged or reset L2 (default 2)
+  --hang SECONDS        L2 silent on its heartbeat this long while the command
+                        runs counts as hung: killed, exit 125 (default 120)
+  --rerun-on-hang N     run the command again from a fresh boot when L2 hangs
+                        under it, up to N times (default 0: only for commands
+                        that can safely run twice, such as test suites)
   --scratch DIR         pass DIR through read-write at the same path
   -e NAME[=VALUE]       pass an environment variable (PATH, HOME, LANG, TERM, CI and
                         VMLET_* are passed by default; VMLET_LAB=inside and
@@ -104,7 +113,7 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv, cwd: string): 
       : `unknown subcommand '${verb}': use run or shell (see hack/kvm-lab --help)`);
   }
   const opts: LabOptions = {
-    mode: verb, memMiB: 4096, cpus: 2, timeoutS: 1800, bootTimeoutS: 120, stallS: 30, retries: 2,
+    mode: verb, memMiB: 4096, cpus: 2, timeoutS: 1800, bootTimeoutS: 120, stallS: 30, retries: 2, hangS: 120, rerunOnHang: 0,
     cwd, env: {}, command: [],
   };
   for (const [k, v] of Object.entries(env)) {
@@ -122,6 +131,8 @@ export function parseArgs(argv: string[], env: NodeJS.ProcessEnv, cwd: string): 
       case '--boot-timeout': opts.bootTimeoutS = positiveInt(a, next(), 1, 3600); break;
       case '--stall': opts.stallS = positiveInt(a, next(), 1, 3600); break;
       case '--retries': opts.retries = positiveInt(a, next(), 0, 20); break;
+      case '--hang': opts.hangS = positiveInt(a, next(), 10, 86400); break;
+      case '--rerun-on-hang': opts.rerunOnHang = positiveInt(a, next(), 0, 5); break;
       case '--scratch': {
         const d = next();
         if (d === undefined) throw new LabUsageError('--scratch needs a directory');
@@ -211,6 +222,7 @@ type AttemptOutcome =
   | { kind: 'exited'; code: number }
   | { kind: 'timeout' }
   | { kind: 'wedged'; why: string }
+  | { kind: 'hung'; why: string }
   | { kind: 'failed'; why: string }
   | { kind: 'interrupted'; signal: NodeJS.Signals };
 
@@ -339,7 +351,7 @@ async function bootAttempt(
   const channels = Object.fromEntries(['con', 'stdout', 'stderr', 'ctl'].map((c) => [c, listen(sock(`${c}.sock`))]));
   const consoleFile: WriteStream = createWriteStream(consoleLog);
   const q = new QemuProcess(qemu, qemuArgs(opts, art, sock, jobPath), 'log', sock('qemu.log'));
-  const timers: NodeJS.Timeout[] = [];
+  const timers: NodeJS.Timeout[] = []; // timeouts and intervals: clearTimeout ends both
   let stallTimer: NodeJS.Timeout | undefined;
   let phase: Phase | undefined;
   const outcome = new Promise<AttemptOutcome>((res) => { phase = { resolve: res }; });
@@ -368,20 +380,39 @@ async function bootAttempt(
       s.on('error', () => res());
     })));
   };
-  attach('con', (b) => { consoleFile.write(b); armStall(); });
+  attach('con', (b) => {
+    consoleFile.write(b);
+    consoleTail = (consoleTail + b.toString('latin1')).slice(-8192);
+    armStall();
+  });
   attach('stdout', (b) => process.stdout.write(b));
   attach('stderr', (b) => process.stderr.write(b));
   let ctlBuf = '';
+  let aliveAt = 0;
+  // The kernel's own word for what went wrong, when it said one.
+  let consoleTail = '';
+  const stallNote = (): string => {
+    const m = /^.*(rcu: INFO: .*stall.*|soft lockup.*|hard LOCKUP.*|Kernel panic.*)$/m.exec(consoleTail);
+    return m ? ` (L2 console: ${m[1].trim()})` : '';
+  };
   attach('ctl', (b) => {
     ctlBuf += b.toString('utf8');
     let nl: number;
     while ((nl = ctlBuf.indexOf('\n')) >= 0) {
       const line = ctlBuf.slice(0, nl).trim();
       ctlBuf = ctlBuf.slice(nl + 1);
-      if (line === 'ready' && readyAt === null) {
+      if (line === 'alive') {
+        aliveAt = Date.now();
+      } else if (line === 'ready' && readyAt === null) {
         readyAt = Date.now();
+        aliveAt = readyAt;
         if (stallTimer) clearTimeout(stallTimer);
         for (const t of timers.splice(0)) clearTimeout(t);
+        timers.push(setInterval(() => {
+          if (Date.now() - aliveAt > opts.hangS * 1000) {
+            settle({ kind: 'hung', why: `L2 hung under the command: no heartbeat for ${opts.hangS} s${stallNote()}` });
+          }
+        }, 1000));
         if (opts.timeoutS > 0) {
           timers.push(setTimeout(() => settle({ kind: 'timeout' }), opts.timeoutS * 1000));
         }
@@ -466,7 +497,10 @@ export async function runLab(opts: LabOptions): Promise<RunReport> {
   let exitCode = EXIT_LAB_FAILED;
   let keepLogs = true;
   try {
-    for (let n = 1; n <= opts.retries + 1; n++) {
+    let bootsLeft = opts.retries + 1;
+    let rerunsLeft = opts.rerunOnHang;
+    for (let n = 1; bootsLeft > 0; n++) {
+      bootsLeft--;
       const { outcome, report } = await bootAttempt(n, opts, art, qemu, runDir, jobPath, abort);
       attempts.push(report);
       if (abort.signal && outcome.kind !== 'exited') {
@@ -474,9 +508,20 @@ export async function runLab(opts: LabOptions): Promise<RunReport> {
         exitCode = 128 + (abort.signal === 'SIGINT' ? 2 : abort.signal === 'SIGHUP' ? 1 : 15);
         break;
       }
+      if (outcome.kind === 'hung') {
+        say(`attempt ${n}: ${outcome.why}; killed; console log: ${report.consoleLog}`);
+        if (rerunsLeft > 0) {
+          rerunsLeft--;
+          bootsLeft = opts.retries + 1;
+          say(`running the command again from a fresh boot (--rerun-on-hang: ${rerunsLeft} left); its output so far is void`);
+          continue;
+        }
+        say(`giving up. Last console lines:\n${tail(report.consoleLog, 15)}`);
+        break;
+      }
       if (outcome.kind === 'wedged') {
         say(`attempt ${n}: L2 boot wedged (${outcome.why}); console log: ${report.consoleLog}`);
-        if (n <= opts.retries) continue;
+        if (bootsLeft > 0) continue;
         say(`L2 never became ready in ${n} attempts: giving up. Last console lines:\n${tail(report.consoleLog, 15)}`);
         break;
       }

@@ -5,6 +5,7 @@
 import { readFileSync, statSync, writeFileSync, rmSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { strict as assert } from 'node:assert';
+import { execFileSync } from 'node:child_process';
 
 describe('the KVM lab environment (inside hack/kvm-lab)', () => {
   before(function () {
@@ -24,6 +25,11 @@ describe('the KVM lab environment (inside hack/kvm-lab)', () => {
     assert.match(param('nested'), /^(1|Y)$/);
     assert.match(param('npt'), /^(1|Y)$/);
     assert.match(readFileSync('/proc/cpuinfo', 'utf8'), /^flags\s*:.* svm( |$)/m);
+  });
+
+  it('has the /dev links udev would make (bash process substitution, /dev/stdout)', () => {
+    const out = execFileSync('bash', ['-c', 'cat <(echo via-dev-fd) && echo via-dev-stdout > /dev/stdout'], { encoding: 'utf8' });
+    assert.equal(out, 'via-dev-fd\nvia-dev-stdout\n');
   });
 
   it('sees the checkout at the same path, built, and can write beside it', () => {

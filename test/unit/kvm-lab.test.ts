@@ -52,6 +52,7 @@ describe('hack/kvm-lab: command line (no VM)', () => {
     assert.throws(() => parseArgs(['run', '--frobnicate', '--', 'true'], {}, '/'), /unknown option --frobnicate/);
     assert.throws(() => parseArgs(['run', 'true'], {}, '/'), /put the command after --/);
     assert.throws(() => parseArgs(['shell', '--', 'ls'], {}, '/'), /shell takes no command/);
+    assert.throws(() => parseArgs(['run', '--hang', '5', '--', 'true'], {}, '/'), /--hang 5: expected a whole number from 10 to 86400/);
     const r = lab(['boot']);
     assert.equal(r.code, EXIT_USAGE);
     assert.match(r.stderr, /unknown subcommand 'boot': use run or shell/);
@@ -161,6 +162,25 @@ describe('hack/kvm-lab: in the L2 lab (boots QEMU TCG)', function () {
     const rep = readReport(report);
     assert.ok(existsSync(rep.attempts[0].consoleLog), 'the console log is kept for the failure');
     assert.match(readFileSync(rep.attempts[0].consoleLog, 'utf8'), /vmlet-lab: ready/);
+    assert.deepEqual(processesUsing(rep.runDir), []);
+    rmSync(rep.runDir, { recursive: true, force: true });
+  });
+
+  it('tells a hung L2 from a quiet command by its heartbeat, and reruns the command from a fresh boot when asked', () => {
+    // Suspend-to-idle with no wake-up source: L2 stops for good, console silent,
+    // the way the lab's rare real hangs look. The second run finds the marker and exits 3.
+    const report = join(scratch, 'hang.json');
+    const marker = join(scratch, 'hung-once');
+    const r = lab(['run', '--hang', '10', '--rerun-on-hang', '1', '--scratch', scratch, '--report', report, '--',
+      'sh', '-c', 'if [ -e "$0" ]; then echo second run; exit 3; fi; touch "$0"; echo first run; echo freeze > /sys/power/state; echo not reached', marker]);
+    assert.equal(r.code, 3, r.stderr);
+    assert.match(r.stderr, /attempt 1: L2 hung under the command: no heartbeat for 10 s; killed/);
+    assert.match(r.stderr, /running the command again from a fresh boot/);
+    assert.match(r.stdout, /^first run$/m);
+    assert.match(r.stdout, /^second run$/m);
+    assert.doesNotMatch(r.stdout, /not reached/);
+    const rep = readReport(report);
+    assert.deepEqual(rep.attempts.map((a) => a.outcome), ['hung', 'exited']);
     assert.deepEqual(processesUsing(rep.runDir), []);
     rmSync(rep.runDir, { recursive: true, force: true });
   });
