@@ -46,6 +46,7 @@ pvh_entry:
   orl $0x100, %eax
   wrmsr
   movl %cr0, %eax
+  andl $0x9fffffff, %eax          /* caches on (CD = NW = 0), whatever the loader left */
   orl $0x80000001, %eax           /* PG | PE */
   movl %eax, %cr0
   ljmp $KERNEL_CS, $long_entry

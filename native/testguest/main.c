@@ -19,12 +19,18 @@ extern char __image_end[];
 extern void tg_load_null_idt_and_fault(void) __attribute__((noreturn));
 
 struct tg_args tg_args;
+u64 tg_low_ram_end;
 static char cmdline[2048];
 
 /* Set by CPL3 before it traps into CPL0 on purpose (see tg_trap). */
 #define REQ_TRIPLE_FAULT 0x7f1
 #define REQ_ENABLE_IF 0x7f2
+#define REQ_HALT 0x7f3
+#define REQ_EMUFAIL 0x7f4
+#define UNBACKED_HOLE 0xC0000000ul
 static volatile u32 tg_request;
+static volatile u64 halt_seen;
+static volatile u8 halt_vector;
 
 struct trap_frame {
   u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
@@ -36,6 +42,19 @@ struct trap_frame {
  * (an `int n` would do, but the emulator here cannot run it). */
 void tg_trap(struct trap_frame *f) {
   if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_TRIPLE_FAULT) tg_load_null_idt_and_fault();
+  /* From CPL0 on purpose: standard KVM answers an instruction fetch it cannot
+   * emulate at CPL3 by injecting #UD into the guest, and only at CPL0 with an
+   * emulation-failure exit (KVM_EXIT_INTERNAL_ERROR) to the VMM. */
+  if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_EMUFAIL) ((void (*)(void))UNBACKED_HOLE)();
+  if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_HALT) {
+    tg_request = 0;
+    f->rip += 1;  /* the hlt that trapped */
+    /* IF is clear here (interrupt gate): an interrupt that arrived since the
+     * caller sampled the count is seen now, and sti's one-instruction shadow
+     * covers the hlt, so no wake-up is lost between the check and the halt. */
+    if (tg_irq_counts[halt_vector] == halt_seen) __asm__ volatile("sti; hlt; cli" ::: "memory");
+    return;
+  }
   if (f->vector == 13 && (f->cs & 3) == 3 && tg_request == REQ_ENABLE_IF) {
     tg_request = 0;
     f->rflags |= 0x200;
@@ -48,6 +67,19 @@ void tg_trap(struct trap_frame *f) {
             f->rip, f->cs, f->rflags, f->rsp, cr2);
   tg_printf("TG DONE pass=%u fail=%u\n", tg_pass, tg_fail + 1);
   tg_exit(0x7e);
+}
+
+/* Gives the vCPU back to the host until an interrupt (hlt is CPL0-only, so
+ * CPL3 asks the #GP handler), unless `vector` already moved past `seen`. A
+ * one-shot LAPIC timer bounds the sleep in case a device never interrupts.
+ * A spinning guest would take the CPU the VMM's device threads need on a
+ * small host. */
+void tg_halt_until_irq(u8 vector, u64 seen) {
+  lapic_backstop_timer();
+  halt_vector = vector;
+  halt_seen = seen;
+  tg_request = REQ_HALT;
+  __asm__ volatile("hlt" ::: "memory");
 }
 
 int tg_find_device(u32 device_id, int nth) {
@@ -87,6 +119,7 @@ static void parse_cmdline(void) {
   tg_args.write_off = 4096;
   tg_args.write_len = 65536;
   tg_args.vsock_bytes = 1 << 20;
+  tg_args.vsock_buf = 64 << 10;
   char *p = cmdline;
   while (*p) {
     while (*p == ' ') *p++ = 0;
@@ -104,8 +137,10 @@ static void parse_cmdline(void) {
     else if (streq_prefix(tok, "tg.vsock_port=", &v)) tg_args.vsock_port = (u32)parse_u64(v);
     else if (streq_prefix(tok, "tg.vsock_listen=", &v)) tg_args.vsock_listen = (u32)parse_u64(v);
     else if (streq_prefix(tok, "tg.vsock_bytes=", &v)) tg_args.vsock_bytes = parse_u64(v);
+    else if (streq_prefix(tok, "tg.vsock_buf=", &v)) tg_args.vsock_buf = (u32)parse_u64(v);
     else if (streq_prefix(tok, "tg.n=", &v)) tg_args.n = parse_u64(v);
     else if (streq_prefix(tok, "tg.mib=", &v)) tg_args.mib = parse_u64(v);
+    else if (streq_prefix(tok, "tg.qd=", &v)) tg_args.qd = (u32)parse_u64(v);
   }
 }
 
@@ -130,6 +165,7 @@ static int read_start_info(void) {
   /* No memory map (start_info version 0): assume the 16 MiB minimum we document. */
   if (!end) end = 16ull << 20;
   if (end > 0xC0000000ull) end = 0xC0000000ull;
+  tg_low_ram_end = end;
   tg_alloc_init(start, end);
   return 0;
 }
@@ -139,9 +175,9 @@ static void discover_devices(int route_irqs) {
     struct virtio_dev *d = &tg_devs[i];
     d->ok = virtio_probe(d) == 0;
     if (!d->ok) continue;
-    /* Only blk completions are interrupt-driven; vsock is polled with its pin
-     * masked (under PVM user mode takes interrupts even "with IF=0"). */
-    if (route_irqs && d->device_id == 2) {
+    /* check mode: blk completions and idle vsock waits are interrupt-driven.
+     * Benchmarks poll with every pin masked. */
+    if (route_irqs && (d->device_id == 2 || d->device_id == 19)) {
       d->vector = (u8)(0x40 + i);
       if (ioapic_route(d->gsi, d->vector)) d->vector = 0;
     }
@@ -149,7 +185,33 @@ static void discover_devices(int route_irqs) {
   }
 }
 
+/* What RAM the VMM announced, and whether its last byte below 3 GiB is really
+ * there (backed, writable, reads back). */
+static void check_memory(void) {
+  const struct hvm_start_info *si = (const struct hvm_start_info *)start_info_pa;
+  u64 ram = 0, top = 0;
+  u32 n = si->version >= 1 && si->memmap_paddr ? si->memmap_entries : 0;
+  const struct hvm_memmap_entry *m = (const struct hvm_memmap_entry *)si->memmap_paddr;
+  for (u32 i = 0; i < n; i++) {
+    if (m[i].type != 1) continue;
+    ram += m[i].size;
+    if (m[i].addr + m[i].size <= 0xC0000000ull && m[i].addr + m[i].size > top) top = m[i].addr + m[i].size;
+  }
+  int ok = 0;
+  if (top >= 8u << 20) {
+    volatile u64 *last = (volatile u64 *)(top - 8);
+    u64 was = *last;
+    *last = 0x7467746f70u ^ top;
+    ok = *last == (0x7467746f70u ^ top);
+    *last = was;
+  }
+  tg_printf("TG memory start_info_version=%u memmap_entries=%u ram_bytes=%lu low_ram_end=0x%lx top_rw=%d result=%s\n", si->version, n, ram,
+            top, ok, ok ? "pass" : "fail");
+  tg_result("memory", ok);
+}
+
 static void mode_check(void) {
+  check_memory();
   irq_setup_chips();
   discover_devices(1);
   blk_check_all();
@@ -158,8 +220,10 @@ static void mode_check(void) {
    * must have arrived through IOAPIC -> LAPIC -> IDT -> EOI. */
   int blk = tg_find_device(2, 0) >= 0;
   u64 n = irq_total();
-  tg_printf("TG irq count=%lu spurious=%lu result=%s\n", n, tg_irq_counts[0xff], !blk || n > 0 ? "pass" : "fail");
-  if (blk) tg_result("irq", n > 0);
+  int ok = n > 0 && tg_irq_waits > 0 && tg_irq_missed == 0;
+  tg_printf("TG irq count=%lu waits=%lu missed=%lu spurious=%lu result=%s\n", n, tg_irq_waits, tg_irq_missed, tg_irq_counts[0xff],
+            !blk || ok ? "pass" : "fail");
+  if (blk) tg_result("irq", ok);
 }
 
 static void mode_bench_mmio(void) {
@@ -176,6 +240,7 @@ static void mode_bench_mmio(void) {
   for (u64 i = 0; i < n; i++)
     if (mmio_read32(base + VIRTIO_MMIO_MAGIC) != 0x74726976) bad++;
   u64 t1 = rdtsc();
+  serial_putc('\n');  /* end marker (README "Benchmarks") */
   tg_printf("TG bench-mmio end n=%lu bad=%u cycles=%lu\n", n, bad, t1 - t0);
   tg_result("bench-mmio", bad == 0);
 }
@@ -210,8 +275,9 @@ void tg_main(void) {
     tg_printf("TG triplefault loading-null-idt=1\n");
     __asm__ volatile("hlt");  /* #GP at CPL3 -> tg_trap */
   } else if (streq(m, "emufail")) {
-    tg_printf("TG emufail jump=0xc0000000\n");
-    ((void (*)(void))0xC0000000ull)();
+    tg_printf("TG emufail jump=0x%lx cpl=0\n", UNBACKED_HOLE);
+    tg_request = REQ_EMUFAIL;
+    __asm__ volatile("hlt");  /* #GP at CPL3 -> tg_trap, which jumps */
   } else if (streq(m, "serial")) {
     /* Numbered lines: the host checks every byte arrives, in order. */
     u64 n = tg_args.n ? tg_args.n : 100;
@@ -220,6 +286,8 @@ void tg_main(void) {
   } else if (streq(m, "bench-mmio")) mode_bench_mmio();
   else if (streq(m, "bench-blk")) { discover_devices(0); blk_bench(); }
   else if (streq(m, "bench-vsock")) { discover_devices(0); vsock_bench(); }
+  else if (streq(m, "vsock-overrun")) { discover_devices(0); vsock_overrun(); }
+  else if (streq(m, "blk-hostile")) { discover_devices(0); blk_hostile(); }
   else {
     tg_printf("TG error what=mode value=%s reason=unknown-mode result=fail\n", m);
     tg_result("mode", 0);

@@ -26,12 +26,11 @@ static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 static inline u8 mmio_read8(u64 addr) { return *(volatile u8 *)addr; }
 static inline u64 rdtsc(void) { u32 lo, hi; __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi)); return ((u64)hi << 32) | lo; }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
-/* 1 when CPL3 really has IOPL=3 (standard KVM, QEMU TCG): cli/sti work and IF
- * gates interrupts. 0 under PVM, whose user mode always has IOPL=0 and always
- * takes interrupts (cli/sti would #GP), so the guest must not use them. */
+/* 1 when CPL3 really has IOPL=3 (standard KVM, QEMU TCG): port I/O is native
+ * and IF stays 0 at CPL3, so interrupts are taken only inside the CPL0 halt of
+ * tg_halt_until_irq. 0 under PVM, whose user mode always has IOPL=0 and
+ * always takes interrupts: port I/O goes through entry.S's #GP emulation. */
 extern int tg_iopl3;
-static inline void irq_enable(void) { if (tg_iopl3) __asm__ volatile("sti" ::: "memory"); }
-static inline void irq_disable(void) { if (tg_iopl3) __asm__ volatile("cli" ::: "memory"); }
 static inline u64 read_rflags(void) { u64 f; __asm__ volatile("pushfq; popq %0" : "=r"(f)); return f; }
 
 /* lib.c */
@@ -58,7 +57,11 @@ extern volatile u64 tg_irq_counts[256];
 void irq_setup_chips(void);                        /* mask the 8259s, enable the LAPIC */
 int ioapic_route(u32 gsi, u8 vector);              /* 0 on success */
 u64 irq_total(void);
-int irq_wait_change(u64 *seen, u64 timeout_cycles); /* sti+pause until a device IRQ arrives; 1 if one did */
+/* Halts until vector's count moves past `seen` (1) or the timeout (0). */
+int irq_wait_vector(u8 vector, u64 seen, u64 timeout_cycles);
+extern u64 tg_irq_waits, tg_irq_missed;
+void lapic_backstop_timer(void);
+void tg_halt_until_irq(u8 vector, u64 seen);       /* main.c: hlt via CPL0 unless `vector` moved past `seen` */             /* interrupt-driven waits, and those that timed out */
 
 /* virtio.c */
 #define VIRTIO_MAX_DEVICES 16
@@ -69,6 +72,7 @@ struct virtq_used { u16 flags; u16 idx; struct virtq_used_elem ring[]; };
 #define VIRTQ_DESC_F_NEXT 1
 #define VIRTQ_DESC_F_WRITE 2
 #define VIRTQ_AVAIL_F_NO_INTERRUPT 1
+#define VIRTQ_USED_F_NO_NOTIFY 1
 
 struct virtq {
   u16 index, size;
@@ -118,14 +122,19 @@ struct tg_args {
   u64 write_off, write_len;
   u32 vsock_port, vsock_listen;
   u64 vsock_bytes;
+  u32 vsock_buf;  /* buf_alloc the guest advertises */
   u64 n;          /* bench iterations */
   u64 mib;        /* bench transfer size */
+  u32 qd;         /* bench-blk: requests in flight for the second random-read phase */
 };
 extern struct tg_args tg_args;
 void blk_check_all(void);
 void blk_bench(void);
+void blk_hostile(void);
+extern u64 tg_low_ram_end;                         /* end of the RAM region holding the image */
 void vsock_check(void);
 void vsock_bench(void);
+void vsock_overrun(void);
 int tg_find_device(u32 device_id, int nth);
 
 #endif

@@ -149,9 +149,11 @@ u32 virtio_ack_interrupt(struct virtio_dev *d) {
 }
 
 void virtq_kick(struct virtq *q) {
-  /* The avail index store must be visible before the device sees the notify;
-   * the MMIO write is itself serializing on x86, the barrier stops gcc. */
-  barrier();
+  /* The avail index store must be visible before the device reads used->flags
+   * (spec 2.7.10: a device that is still processing sets NO_NOTIFY and will
+   * see the new entries itself). Each notify is a VM exit. */
+  mb();
+  if (q->used->flags & VIRTQ_USED_F_NO_NOTIFY) return;
   mmio_write32(q->base + VIRTIO_MMIO_QUEUE_NOTIFY, q->index);
 }
 

@@ -1,5 +1,6 @@
 // virtio-vsock driven like a guest driver would, against real Unix sockets:
 // connection set-up both ways, byte-exact streams, credit, shutdown and RST.
+#include <dirent.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -630,4 +631,101 @@ TEST_CASE("vsock: RX buffers too small for a header are returned empty") {
   EXPECT(mem.ReadObj(0x102000, &got));
   EXPECT_EQ(got.op, vsock::kOpRst);
   dev->Shutdown();
+}
+
+TEST_CASE("vsock: a driver reset drops host connections; the device works again after re-initialisation") {
+  Guest g;
+  std::string path = g.uds + "_17";
+  g.extra_paths.push_back(path);
+  int listener = ListenUnix(path);
+  int host = GuestConnect(g, listener, 17);
+  g.drv->Write32(MmioTransport::kStatus, 0);
+  char b;
+  EXPECT(WaitReadable(host, 2000));
+  EXPECT_EQ(read(host, &b, 1), 0);
+  close(host);
+  // Fresh rings, as a driver probing again would set up.
+  RingDriver rx(g.mem, 0x40000, kRingSize), tx(g.mem, 0x44000, kRingSize), ev(g.mem, 0x48000, kRingSize);
+  EXPECT(g.drv->Negotiate(virtio::kFeatureVersion1));
+  EXPECT_EQ(g.drv->SetupQueue(0, rx), 1u);
+  EXPECT_EQ(g.drv->SetupQueue(1, tx), 1u);
+  EXPECT_EQ(g.drv->SetupQueue(2, ev), 1u);
+  g.drv->DriverOk();
+  rx.Add({{kRxBufs, kRxBufSize, true}});
+  g.drv->Notify(0);
+  PacketHeader h = g.Header(5001, 17, vsock::kOpRequest);
+  EXPECT(g.mem.WriteObj(kTxBufs, h));
+  tx.Add({{kTxBufs, sizeof h, false}});
+  g.drv->Notify(1);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+  while (!rx.HasUsed() && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  auto u = rx.PopUsed();
+  EXPECT_EQ(u.len, sizeof(PacketHeader));
+  PacketHeader got;
+  EXPECT(g.mem.ReadObj(kRxBufs, &got));
+  EXPECT_EQ(got.op, vsock::kOpResponse);
+  EXPECT(WaitReadable(listener, 2000));
+  int again = accept4(listener, nullptr, nullptr, SOCK_CLOEXEC);
+  EXPECT(again >= 0);
+  close(again);
+  close(listener);
+}
+
+TEST_CASE("vsock: random TX packets never crash or hang the device") {
+  Guest g;
+  std::string path = g.uds + "_18";
+  g.extra_paths.push_back(path);
+  int listener = ListenUnix(path);
+  int host = GuestConnect(g, listener, 18);
+  std::mt19937_64 rng(7);
+  std::vector<uint8_t> payload(8192, 0x42);
+  for (int i = 0; i < 3000; i++) {
+    PacketHeader h = g.Header(rng() % 3 == 0 ? 5000 : static_cast<uint32_t>(rng() % 8), rng() % 3 == 0 ? 18 : static_cast<uint32_t>(rng() % 8),
+                              static_cast<uint16_t>(rng() % 9), static_cast<uint32_t>(rng() % 3 == 0 ? rng() : rng() % 9000),
+                              static_cast<uint32_t>(rng() % 4));
+    if (rng() % 4 == 0) h.type = static_cast<uint16_t>(rng());
+    if (rng() % 8 == 0) h.buf_alloc = static_cast<uint32_t>(rng());
+    if (rng() % 8 == 0) h.fwd_cnt = static_cast<uint32_t>(rng());
+    uint32_t len = static_cast<uint32_t>(rng() % payload.size());
+    g.Send(h, payload.data(), len);
+    while (g.Recv(0)) {
+    }
+  }
+  // Whatever happened to it, the device still answers a fresh REQUEST.
+  while (g.Recv(50)) {
+  }
+  g.Send(g.Header(6123, 4242, vsock::kOpRequest));  // no listener: RST
+  bool rst = false;
+  while (auto p = g.Recv(500)) rst |= p->h.op == vsock::kOpRst && p->h.dst_port == 6123;
+  EXPECT(rst);
+  close(host);
+  close(listener);
+}
+
+TEST_CASE("vsock: devices created and shut down leave no fds, threads or socket files behind") {
+  auto count = [](const char* dir) {
+    int n = 0;
+    if (DIR* d = opendir(dir)) {
+      while (readdir(d)) n++;
+      closedir(d);
+    }
+    return n;
+  };
+  int fds = count("/proc/self/fd"), threads = count("/proc/self/task");
+  for (int i = 0; i < 30; i++) {
+    Guest g;
+    std::string path = g.uds + "_19";
+    g.extra_paths.push_back(path);
+    int listener = ListenUnix(path);
+    int host = GuestConnect(g, listener, 19);
+    int client = ConnectUnix(g.uds);  // a host client mid-handshake
+    close(host);
+    close(client);
+    close(listener);
+    EXPECT(access(g.uds.c_str(), F_OK) == 0);
+    g.dev->Shutdown();
+    EXPECT(access(g.uds.c_str(), F_OK) != 0);
+  }
+  EXPECT_EQ(count("/proc/self/fd"), fds);
+  EXPECT_EQ(count("/proc/self/task"), threads);
 }

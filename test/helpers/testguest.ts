@@ -213,13 +213,15 @@ export function serveGuestConnect(udsPath: string, port: number, bytes: number, 
     server.on('error', reject);
     server.listen(`${udsPath}_${port}`);
   });
+  // A caller that fails before awaiting must not crash the run with an unhandled rejection.
+  result.catch(() => undefined);
   return { server, result };
 }
 
 /** Host-initiated connection: `CONNECT <port>\n` on `<udsPath>`, answered by `OK <hostport>\n`. */
 export function connectToGuest(udsPath: string, port: number, bytes: number, seed: number): Promise<StreamResult> {
   const s = vsockSeeds(seed);
-  return new Promise((resolve, reject) => {
+  const result = new Promise<StreamResult>((resolve, reject) => {
     const sock = createConnection(udsPath);
     let head = Buffer.alloc(0);
     const onHead = (chunk: Buffer): void => {
@@ -242,6 +244,8 @@ export function connectToGuest(udsPath: string, port: number, bytes: number, see
     sock.once('error', reject);
     sock.once('connect', () => sock.write(`CONNECT ${port}\n`));
   });
+  result.catch(() => undefined);
+  return result;
 }
 
 /** QEMU's isa-debug-exit turns a guest write of v into exit status (v << 1) | 1. */
@@ -254,7 +258,7 @@ export function qemuMicrovmArgs(opts: {
   accel: 'tcg' | 'kvm';
   cmdline: string;
   memoryMiB?: number;
-  disks?: { path: string; readOnly?: boolean }[];
+  disks?: { path: string; readOnly?: boolean; id?: string }[];
 }): string[] {
   const args = [
     // acpi=off: microvm then announces its virtio-mmio devices on the command
@@ -271,7 +275,7 @@ export function qemuMicrovmArgs(opts: {
   ];
   (opts.disks ?? []).forEach((d, i) => {
     args.push('-drive', `id=d${i},file=${d.path},format=raw,if=none,cache=writeback${d.readOnly ? ',readonly=on' : ''}`);
-    args.push('-device', `virtio-blk-device,drive=d${i}`);
+    args.push('-device', `virtio-blk-device,drive=d${i}${d.id ? `,serial=${d.id}` : ''}`);
   });
   return args;
 }

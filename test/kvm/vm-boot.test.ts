@@ -3,7 +3,7 @@
 // found (the start_info magic via EBX, the e820 count via RSI) through the
 // debug-exit port, so the exit code proves the register and memory set-up.
 import { strict as assert } from 'node:assert';
-import { readFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { Vm } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import { asm, helloGuest, writeImage } from './vm-images';
@@ -65,5 +65,41 @@ describe('vm boot on /dev/kvm', function () {
     const vm = await Vm.create({ kernel, memoryMiB: 16, cpus: 1, serialLog: scratch.path('cmd.log'), cmdline: 'console=ttyS0 tg.mode=hello' });
     assert.equal(vm.cmdline(), 'console=ttyS0 tg.mode=hello');
     assert.deepEqual(await vm.kill(), { reason: 'killed' });
+  });
+
+  it('virtio devices are announced on the command line: disks first, then vsock, 4 KiB windows from 0xd0000000 on GSI 5+i', async () => {
+    const kernel = writeImage(scratch.path('dev.elf'), asm.haltForever);
+    const a = scratch.path('a.img');
+    const b = scratch.path('b.img');
+    writeFileSync(a, Buffer.alloc(1 << 20));
+    writeFileSync(b, Buffer.alloc(1 << 20));
+    const vm = await Vm.create({
+      kernel, memoryMiB: 16, cpus: 1, serialLog: scratch.path('dev.log'), cmdline: 'console=ttyS0',
+      disks: [{ path: a }, { path: b, readOnly: true }], vsock: { cid: 3, udsPath: scratch.path('v.sock') },
+    });
+    try {
+      assert.equal(vm.cmdline(), 'console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6 virtio_mmio.device=4K@0xd0002000:7');
+    } finally {
+      assert.deepEqual(await vm.kill(), { reason: 'killed' });
+    }
+  });
+
+  it('CPUID as the guest sees it: APIC id and vCPU count in leaf 1, the hypervisor bit, KVM paravirt leaf masked on request', async () => {
+    const cpuid = [0x0f, 0xa2];
+    const run = async (name: string, code: number[], over: { cpus?: number; maskKvmParavirt?: boolean } = {}): Promise<unknown> => {
+      const kernel = writeImage(scratch.path(`${name}.elf`), [...code, ...asm.exitWithEax, ...asm.haltForever]);
+      const vm = await Vm.create({ kernel, memoryMiB: 16, cpus: over.cpus ?? 1, serialLog: scratch.path(`${name}.log`), maskKvmParavirt: over.maskKvmParavirt });
+      vm.start();
+      return exitWithin(vm, 20_000);
+    };
+    // EBX >> 16 = APIC id << 8 | logical processor count; the BSP has APIC id 0.
+    assert.deepEqual(await run('leaf1-ebx', [...asm.movEax(1), ...cpuid, 0x89, 0xd8, 0xc1, 0xe8, 0x10], { cpus: 3 }), { reason: 'guest-exit', code: 3 });
+    // ECX >> 31: "running under a hypervisor".
+    assert.deepEqual(await run('leaf1-ecx', [...asm.movEax(1), ...cpuid, 0x89, 0xc8, 0xc1, 0xe8, 0x1f]), { reason: 'guest-exit', code: 1 });
+    const kvmFeatures = [...asm.movEax(0x40000001), ...cpuid];
+    assert.deepEqual(await run('pv-masked', kvmFeatures, { maskKvmParavirt: true }), { reason: 'guest-exit', code: 0 });
+    const unmasked = await run('pv-unmasked', kvmFeatures) as { reason: string; code: number };
+    assert.equal(unmasked.reason, 'guest-exit');
+    assert.notEqual(unmasked.code, 0, 'KVM advertises paravirt features unless masked');
   });
 });

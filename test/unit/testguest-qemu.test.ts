@@ -52,9 +52,10 @@ describe('testguest under QEMU microvm (TCG)', function () {
     const r = await runQemu(qemuMicrovmArgs({
       accel: 'tcg',
       cmdline: `tg.mode=check tg.seed=${seed} tg.write_off=${off} tg.write_len=${len}`,
-      disks: [{ path: rw }, { path: ro, readOnly: true }],
+      disks: [{ path: rw, id: 'tg-rw' }, { path: ro, readOnly: true }],
     }));
     const out: TgOutput = parseTg(r.stdout);
+    assert.equal(one(out, 'blk-id', { dev: '0' }).fields.id, 'tg-rw', 'VIRTIO_BLK_T_GET_ID returns the drive serial');
     assert.equal(one(out, 'blk-read', { dev: '0' }).fields.crc32, crc32hex(rwData));
     assert.equal(one(out, 'blk-read', { dev: '1' }).fields.crc32, crc32hex(roData));
     const w = one(out, 'blk-write', { dev: '0' });
@@ -65,8 +66,29 @@ describe('testguest under QEMU microvm (TCG)', function () {
     assert.equal(one(out, 'blk-ro', { dev: '1' }).fields.write_status, '1', 'VIRTIO_BLK_S_IOERR');
     assert.ok(readFileSync(ro).equals(roData), 'the read-only disk is untouched');
     assert.ok(Number(one(out, 'irq').fields.count) > 0, 'blk completions arrived by interrupt');
-    assert.deepEqual(out.done, { pass: 5, fail: 0 });
+    for (const dev of ['0', '1']) {
+      const b = one(out, 'blk-bounds', { dev }).fields;
+      assert.deepEqual([b.past_end_status, b.straddle_status, b.unknown_type_status], ['1', '1', '2'], 'IOERR, IOERR, UNSUPP');
+    }
+    assert.deepEqual(out.done, { pass: out.lines.filter((l) => l.fields.result === 'pass').length, fail: 0 });
     assert.equal(qemuDebugExitCode(r.status), 0);
+  });
+
+  it('a malformed virtio_mmio.device entry is reported and skipped, the real devices still work', async () => {
+    const disk = join(dir, 'm.img');
+    const data = randomDisk(disk, 64 << 10);
+    const r = await runQemu(qemuMicrovmArgs({ accel: 'tcg', cmdline: 'tg.mode=check virtio_mmio.device=4K@nowhere', disks: [{ path: disk, readOnly: true }] }));
+    const out = parseTg(r.stdout);
+    assert.equal(one(out, 'warn', { what: 'bad-virtio_mmio.device' }).fields.value, '4K@nowhere');
+    assert.equal(one(out, 'blk-read', { dev: '0' }).fields.crc32, crc32hex(data));
+    assert.equal(qemuDebugExitCode(r.status), 0);
+  });
+
+  it('triplefault: QEMU sees a triple fault (with -no-reboot it stops without a debug-exit write)', async () => {
+    const r = await runQemu([...qemuMicrovmArgs({ accel: 'tcg', cmdline: 'tg.mode=triplefault' }), '-d', 'cpu_reset', '-D', join(dir, 'reset.log')]);
+    one(parseTg(r.stdout), 'triplefault');
+    assert.equal(r.status, 0, 'QEMU exits 0 on a guest reset under -no-reboot, never through isa-debug-exit');
+    assert.match(readFileSync(join(dir, 'reset.log'), 'latin1'), /Triple fault/i);
   });
 
   it('an unknown mode is reported with what was asked and fails the run', async () => {

@@ -217,12 +217,13 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
 
   class PauseWorker : public PromiseWorker {
    public:
-    PauseWorker(Napi::Env env, kvm::Machine* m) : PromiseWorker(env), m_(m) {}
-    void Work() override { m_->Pause(); }
+    PauseWorker(Napi::Env env, kvm::Machine* m, uint64_t generation) : PromiseWorker(env), m_(m), generation_(generation) {}
+    void Work() override { m_->WaitPaused(generation_); }
     Napi::Value Result(Napi::Env env) override { return env.Undefined(); }
 
    private:
     kvm::Machine* m_;
+    uint64_t generation_;
   };
 
   void BeginTeardown(Napi::Env env) {
@@ -236,6 +237,8 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
     Napi::Env env = info.Env();
     if (teardown_started_)
       ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "start VM", "the VM was killed or has exited: create a new one"));
+    if (machine_->started())
+      ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "start VM", "the VM is already started"));
     tsfn_ = Napi::ThreadSafeFunction::New(env, Napi::Function::New(env, [](const Napi::CallbackInfo&) {}), "vmlet-vm-exit", 0, 1);
     Napi::ThreadSafeFunction tsfn = tsfn_;
     try {
@@ -246,7 +249,10 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
         tsfn.Release();
       });
     } catch (const std::exception& e) {
+      // The machine will not call back: release the exit channel here and
+      // free what was started, so wait()/kill() still settle.
       tsfn_.Release();
+      BeginTeardown(env);
       ThrowVmmError(env, e);
     }
     return env.Undefined();
@@ -256,7 +262,13 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
     Napi::Env env = info.Env();
     if (!machine_->started())
       ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "pause VM", "the VM is not started: call start() first"));
-    auto* w = new PauseWorker(env, machine_.get());
+    uint64_t generation;
+    try {
+      generation = machine_->RequestPause();  // on this thread: ordered before any later resume()
+    } catch (const std::exception& e) {
+      ThrowVmmError(env, e);
+    }
+    auto* w = new PauseWorker(env, machine_.get(), generation);
     Napi::Promise p = w->Promise();
     w->Queue();
     return p;

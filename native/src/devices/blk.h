@@ -35,12 +35,14 @@ inline constexpr uint8_t kStatusUnsupported = 2;
 inline constexpr uint32_t kSectorSize = 512;
 inline constexpr uint32_t kIdBytes = 20;
 // What we advertise. SEG_MAX follows QEMU (queue size - 2: header and status
-// take the other two descriptors). Requests are further capped at 8 MiB per
-// chain (virtio/queue.h): Linux issues at most max_sectors_kb (1280 KiB by
-// default) per request, far below.
+// take the other two descriptors). SEG_MAX x SIZE_MAX stays under the 8 MiB
+// chain cap (virtio/queue.h) on purpose: a chain over the cap is refused
+// without a status byte, and Linux (which sets max_hw_sectors to UINT_MAX
+// and only bounds a request by these two) could read a stale status as
+// success. 126 x 64 KiB = 7.9 MiB per request.
 inline constexpr uint16_t kQueueSize = 128;
 inline constexpr uint32_t kSegMax = kQueueSize - 2;
-inline constexpr uint32_t kSizeMax = 1u << 20;
+inline constexpr uint32_t kSizeMax = 64u << 10;
 }  // namespace blk
 
 }  // namespace vmlet

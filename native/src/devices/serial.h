@@ -30,7 +30,7 @@ class Serial : public BusDevice {
   void Read(uint64_t offset, uint8_t* data, uint32_t len) override;
   void Write(uint64_t offset, const uint8_t* data, uint32_t len) override;
 
-  // Writes buffered output to the log (also done at each newline and on destruction).
+  // Writes anything still buffered (after a short write) to the log.
   void Flush();
   uint64_t bytes_written() const;
 

@@ -408,10 +408,18 @@ void Machine::Start(std::function<void(const VmExit&)> on_stopped) {
   for (auto& v : vcpus_) {
     try {
       threads_.emplace_back([this, &v] { RunVcpu(v); });
+      // Named here, before Start returns, so tools (and the leak tests) can
+      // tell vCPU threads apart from the moment they exist.
+      char name[16];
+      snprintf(name, sizeof name, "vmlet-vcpu%u", v.index);
+      pthread_setname_np(threads_.back().native_handle(), name);
     } catch (const std::system_error& e) {
-      // Threads already started see stopping_ and leave; Teardown joins them.
+      // Threads already started see stopping_ and leave without calling
+      // on_stopped (the caller learns of the failure from this throw);
+      // Teardown joins them.
       running_threads_ -= static_cast<uint32_t>(vcpus_.size() - threads_.size());
       stopping_ = true;
+      on_stopped_ = nullptr;
       if (!exit_) exit_ = VmExit{VmExit::Reason::Error, 0, std::string("cannot start vCPU thread: ") + e.what(), 0, {}};
       throw VmmError(ErrorKind::Kvm, "start vCPU thread", e.what());
     }
@@ -509,9 +517,19 @@ bool Machine::HandleExit(Vcpu& v) {
     }
     case KVM_EXIT_SHUTDOWN: {
       kvm_regs regs{};
+      kvm_sregs sregs{};
       ioctl(v.fd, KVM_GET_REGS, &regs);
+      ioctl(v.fd, KVM_GET_SREGS, &sregs);
+      std::string where;
+      // Hazard: on AMD (SVM) KVM reinitialises the vCPU on a shutdown
+      // intercept before exiting, so its registers show the reset vector, not
+      // the faulting instruction. Say so rather than report a false RIP.
+      if (regs.rip == 0xfff0 && sregs.cs.base == 0xffff0000)
+        where = "the host reset the vCPU on the triple fault (as AMD SVM does), so its last RIP is unknown";
+      else
+        where = "last RIP " + Hex(regs.rip);
       VmExit e{VmExit::Reason::Shutdown, 0,
-               "vCPU " + std::to_string(v.index) + " triple-faulted (KVM_EXIT_SHUTDOWN), last RIP " + Hex(regs.rip), regs.rip, {}};
+               "vCPU " + std::to_string(v.index) + " triple-faulted (KVM_EXIT_SHUTDOWN); " + where, regs.rip, {}};
       RequestStop(std::move(e));
       return false;
     }
@@ -625,18 +643,25 @@ void Machine::RequestStop(VmExit why) {
   cv_.notify_all();
 }
 
-void Machine::Pause() {
+uint64_t Machine::RequestPause() {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!started_) throw VmmError(ErrorKind::InvalidArgument, "pause VM", "the VM is not started: call start() first");
+  if (!stopping_) {
+    pause_requested_ = true;
+    Kick();
+  }
+  return pause_generation_;
+}
+
+void Machine::WaitPaused(uint64_t generation) {
   std::unique_lock<std::mutex> lk(mu_);
-  if (!started_) throw VmmError(ErrorKind::InvalidArgument, "pause VM", "the VM is not started");
-  if (stopping_) return;
-  pause_requested_ = true;
-  Kick();
-  cv_.wait(lk, [&] { return stopping_ || parked_ >= running_threads_; });
+  cv_.wait(lk, [&] { return stopping_ || pause_generation_ != generation || parked_ >= running_threads_; });
 }
 
 void Machine::Resume() {
   std::lock_guard<std::mutex> g(mu_);
   pause_requested_ = false;
+  pause_generation_++;
   cv_.notify_all();
 }
 

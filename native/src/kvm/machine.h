@@ -89,8 +89,15 @@ class Machine {
   // with the exit that stopped the VM. It must not call Teardown (which joins
   // that very thread); hand off to another thread instead.
   void Start(std::function<void(const VmExit&)> on_stopped);
-  // Blocks until every vCPU is parked outside KVM_RUN (or the VM stopped).
-  void Pause();
+  // Pausing is split so that the request takes effect in call order (a
+  // Resume issued right after a pause request cancels it) while the wait for
+  // the vCPUs to park can happen on another thread.
+  // RequestPause: non-blocking; returns the pause generation to wait on.
+  uint64_t RequestPause();
+  // Blocks until every vCPU is parked outside KVM_RUN, the VM stopped, or a
+  // Resume ended that pause generation.
+  void WaitPaused(uint64_t generation);
+  void Pause() { WaitPaused(RequestPause()); }
   void Resume();
   // Non-blocking. The first stop reason recorded wins.
   void RequestStop(VmExit why);
@@ -144,6 +151,7 @@ class Machine {
   bool started_ = false;
   bool stopping_ = false;
   bool pause_requested_ = false;
+  uint64_t pause_generation_ = 0;  // bumped by every Resume
   bool torn_down_ = false;
   uint32_t parked_ = 0;
   uint32_t running_threads_ = 0;

@@ -1,0 +1,87 @@
+// Bad input reaching a real KVM: each is refused with a typed error that says
+// what was asked, what failed and what to do, and leaves nothing behind.
+import { strict as assert } from 'node:assert';
+import { execFileSync } from 'node:child_process';
+import { statSync, writeFileSync, readdirSync } from 'node:fs';
+import { Vm, VmConfig, BootError, DeviceError, KvmError, VmmError, addonPath } from '../../native/ts/vmm';
+import { requireKvm } from '../helpers/kvm';
+import { asm, writeImage } from './vm-images';
+import { Scratch } from './vm-helpers';
+
+describe('vm creation errors on /dev/kvm', function () {
+  let scratch: Scratch;
+  let good: string;
+  before(function () {
+    requireKvm(this);
+    scratch = new Scratch();
+    good = writeImage(scratch.path('good.elf'), asm.haltForever);
+  });
+  after(() => scratch?.remove());
+
+  const config = (over: Partial<VmConfig>): VmConfig => ({ kernel: good, memoryMiB: 16, cpus: 1, serialLog: scratch.path('serial.log'), ...over });
+  const rejects = async (c: VmConfig, cls: typeof VmmError, pattern: RegExp): Promise<void> => {
+    const fdsBefore = readdirSync('/proc/self/fd').length;
+    await assert.rejects(Vm.create(c), (e: unknown) => {
+      assert.ok(e instanceof cls, `expected ${cls.name}, got ${String(e)}`);
+      assert.match((e as Error).message, pattern);
+      return true;
+    });
+    // A failed creation releases what it had opened (KVM, VM, memfd, serial log).
+    assert.equal(readdirSync('/proc/self/fd').length, fdsBefore, 'no fd left behind');
+  };
+
+  it('a missing kernel file', async () => {
+    await rejects(config({ kernel: scratch.path('nope.elf') }), BootError, /nope\.elf does not exist: check VmConfig\.kernel/);
+  });
+
+  it('a kernel that is not an image', async () => {
+    const garbage = scratch.path('garbage.bin');
+    writeFileSync(garbage, Buffer.from('this is not a kernel, just text\n'.repeat(100)));
+    await rejects(config({ kernel: garbage }), BootError, /neither an ELF file nor a bzImage/);
+  });
+
+  it('an ELF without PVH note when PVH is asked for', async () => {
+    const k = writeImage(scratch.path('nonote.elf'), asm.haltForever, { noPvhNote: true });
+    await rejects(config({ kernel: k, bootProtocol: 'pvh' }), BootError, /no PVH entry note/);
+  });
+
+  it('a kernel larger than the VM memory', async () => {
+    const k = writeImage(scratch.path('big.elf'), Buffer.alloc(1536 << 10, 0x90));
+    await rejects(config({ kernel: k, memoryMiB: 2 }), BootError, /does not fit in guest RAM \(2 MiB\): give the VM more memory/);
+  });
+
+  it('a missing initrd', async () => {
+    await rejects(config({ initrd: scratch.path('initrd.img') }), BootError, /initrd\.img does not exist: check VmConfig\.initrd/);
+  });
+
+  it('a serial log in a directory that does not exist', async () => {
+    await rejects(config({ serialLog: scratch.path('no/such/dir/serial.log') }), DeviceError,
+      /open serial log .*: check that its directory exists and is writable/);
+  });
+
+  it('a missing disk image is a DeviceError naming it', async () => {
+    await rejects(config({ disks: [{ path: scratch.path('disk-missing.img') }] }), DeviceError, /disk-missing\.img/);
+  });
+
+  it('/dev/kvm without permission says to join the kvm group', function () {
+    const st = statSync('/dev/kvm');
+    if ((st.mode & 0o006) === 0o006) this.skip(); // world-accessible here: nothing to refuse
+    // Root bypasses file permissions, so the attempt runs as an unprivileged user in a child.
+    const script = `
+      const { Vm } = require(${JSON.stringify(require.resolve('../../native/ts/vmm'))});
+      Vm.create({ kernel: '/nonexistent', memoryMiB: 16, cpus: 1, serialLog: '/tmp/x' })
+        .then(() => console.log('created'), (e) => console.log(JSON.stringify({ name: e.name, code: e.code, message: e.message })));`;
+    let out: string;
+    try {
+      out = execFileSync(process.execPath, ['-e', script], { uid: 65534, gid: 65534, encoding: 'utf8', env: { PATH: process.env.PATH ?? '' } });
+    } catch (e) {
+      const err = e as { stderr?: string };
+      if (/EPERM|EACCES.*(vmm|vmlet\.node)/.test(err.stderr ?? '')) this.skip(); // cannot drop privileges or read the addon here
+      throw new Error(`child failed: ${err.stderr ?? String(e)} (addon ${addonPath})`);
+    }
+    const result = JSON.parse(out) as { name: string; code: string; message: string };
+    assert.equal(result.name, KvmError.name);
+    assert.equal(result.code, 'EACCES');
+    assert.match(result.message, /\/dev\/kvm is not accessible: add the user to the kvm group/);
+  });
+});
