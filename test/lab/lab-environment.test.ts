@@ -28,7 +28,9 @@ describe('the KVM lab environment (inside hack/kvm-lab)', () => {
   });
 
   it('has the /dev links udev would make (bash process substitution, /dev/stdout)', () => {
-    const out = execFileSync('bash', ['-c', 'cat <(echo via-dev-fd) && echo via-dev-stdout > /dev/stdout'], { encoding: 'utf8' });
+    // The '| cat' gives echo a real pipe: node's own stdio pipes are socketpairs,
+    // which cannot be reopened through /proc/self/fd anywhere (ENXIO).
+    const out = execFileSync('bash', ['-c', 'cat <(echo via-dev-fd) && (echo via-dev-stdout > /dev/stdout) | cat'], { encoding: 'utf8' });
     assert.equal(out, 'via-dev-fd\nvia-dev-stdout\n');
   });
 
