@@ -499,13 +499,20 @@ export async function runLab(opts: LabOptions): Promise<RunReport> {
   try {
     let bootsLeft = opts.retries + 1;
     let rerunsLeft = opts.rerunOnHang;
+    const signalExit = (s: NodeJS.Signals): number => 128 + (s === 'SIGINT' ? 2 : s === 'SIGHUP' ? 1 : 15);
     for (let n = 1; bootsLeft > 0; n++) {
+      // A signal between two attempts must not start another one.
+      if (abort.signal) {
+        say(`interrupted by ${abort.signal} before attempt ${n}`);
+        exitCode = signalExit(abort.signal);
+        break;
+      }
       bootsLeft--;
       const { outcome, report } = await bootAttempt(n, opts, art, qemu, runDir, jobPath, abort);
       attempts.push(report);
       if (abort.signal && outcome.kind !== 'exited') {
         say(`interrupted by ${abort.signal}: QEMU killed; console log: ${report.consoleLog}`);
-        exitCode = 128 + (abort.signal === 'SIGINT' ? 2 : abort.signal === 'SIGHUP' ? 1 : 15);
+        exitCode = signalExit(abort.signal);
         break;
       }
       if (outcome.kind === 'hung') {
