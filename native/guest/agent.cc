@@ -230,7 +230,7 @@ class Agent {
   void HandleExec(Conn* c, const HostMessage& m);
   void HandleMount(Conn* c, const HostMessage& m);
   void HandleStdin(Conn* c, Process* p, const HostMessage& m);
-  Process* FindProcess(Conn* c, uint32_t id, bool reply);
+  Process* FindProcess(Conn* c, uint32_t id, uint32_t reply_id);
   void OutputReadable(Process* p, int stream);
   void SetOutputRegistered(Process* p, int stream, bool on);
   void StdinWritable(Process* p);
@@ -507,11 +507,10 @@ void Agent::CloseConn(Conn* c) {
   c->procs.clear();
 }
 
-Process* Agent::FindProcess(Conn* c, uint32_t id, bool reply) {
+Process* Agent::FindProcess(Conn* c, uint32_t id, uint32_t reply_id) {
   auto it = c->procs.find(id);
   if (it == c->procs.end()) {
-    if (reply)
-      SendError(c, id, ErrorCode::NoSuchProcess,
+    SendError(c, reply_id, ErrorCode::NoSuchProcess,
                 "no process with id " + std::to_string(id) + " on this connection (never started, or its EXIT was sent)");
     return nullptr;
   }
@@ -555,7 +554,10 @@ void Agent::HandleFrame(Conn* c, const FrameHeader& h, const std::vector<uint8_t
     case MsgType::Exec: HandleExec(c, m); return;
     default: break;
   }
-  Process* p = FindProcess(c, h.id, true);
+  // SIGNAL and RESIZE are requests with their own id and name the process in
+  // the payload; stream messages are addressed by the process id itself.
+  bool by_payload = t == MsgType::Signal || t == MsgType::Resize;
+  Process* p = FindProcess(c, by_payload ? m.process : h.id, h.id);
   if (!p) return;
   switch (t) {
     case MsgType::Stdin: HandleStdin(c, p, m); return;
@@ -571,7 +573,7 @@ void Agent::HandleFrame(Conn* c, const FrameHeader& h, const std::vector<uint8_t
       }
       // After the reap the pid may belong to someone else: never signal it.
       if (p->exited) {
-        SendError(c, h.id, ErrorCode::NoSuchProcess, "process " + std::to_string(h.id) + " has already exited");
+        SendError(c, h.id, ErrorCode::NoSuchProcess, "process " + std::to_string(p->id) + " has already exited");
         return;
       }
       if (kill(p->pid, static_cast<int>(m.signal)) != 0) {

@@ -228,8 +228,13 @@ bool DecodeHostMessage(const FrameHeader& h, const uint8_t* payload, size_t n, H
     case MsgType::Exec: ok = DecodeExec(r, &out->exec); break;
     case MsgType::Stdin: out->data = r.Bytes("data"); ok = r.Finish(); break;
     case MsgType::StdinEof: ok = r.Finish(); break;
-    case MsgType::Signal: out->signal = r.U32("signal"); ok = r.Finish(); break;
+    case MsgType::Signal:
+      out->process = r.U32("process");
+      out->signal = r.U32("signal");
+      ok = r.Finish();
+      break;
     case MsgType::Resize:
+      out->process = r.U32("process");
       out->rows = r.U16("rows");
       out->cols = r.U16("cols");
       ok = r.Finish();

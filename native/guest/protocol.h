@@ -184,6 +184,7 @@ struct HostMessage {
   MountRootfsReq mount;
   SetClockReq clock;
   std::vector<uint8_t> data;  // Stdin
+  uint32_t process = 0;  // Signal, Resize: the target process's id
   uint32_t signal = 0;
   uint16_t rows = 0, cols = 0;
   uint8_t stream = 0;

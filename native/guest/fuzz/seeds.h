@@ -64,14 +64,16 @@ inline std::vector<std::vector<uint8_t>> SeedFrames() {
   }
   {
     PayloadWriter w;
+    w.U32(2);
     w.U32(15);
-    frame(MsgType::Signal, 2, w);
+    frame(MsgType::Signal, 6, w);
   }
   {
     PayloadWriter w;
+    w.U32(2);
     w.U16(40);
     w.U16(120);
-    frame(MsgType::Resize, 2, w);
+    frame(MsgType::Resize, 7, w);
   }
   {
     PayloadWriter w;

@@ -1,0 +1,96 @@
+// Starts the real guest agent binary on this host (no VM) for the agent-*
+// tests: `vmlet-agent --listen unix:<tmp>/agent.sock --no-init`, optionally in
+// a private mount namespace (`unshare -m`) so its rootfs mounts never leak.
+import { spawn, spawnSync, ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { AgentClient, AgentProcess } from '../../shim/agent/client';
+
+export const repoRoot = join(__dirname, '..', '..', '..');
+export const agentBinary = join(repoRoot, 'native', 'guest', 'build', 'vmlet-agent');
+export const fuzzBinary = join(repoRoot, 'native', 'guest', 'build', 'vmlet-agent-fuzz');
+
+export interface RunningAgent {
+  socketPath: string;
+  dir: string;
+  child: ChildProcess;
+  /** What the agent wrote to stderr so far (its log). */
+  log(): string;
+  connect(): Promise<AgentClient>;
+  alive(): boolean;
+  stop(): Promise<void>;
+}
+
+export async function startAgent(opts: { mountNamespace?: boolean } = {}): Promise<RunningAgent> {
+  if (!existsSync(agentBinary)) throw new Error(`${agentBinary} is missing: run npm run build:agent`);
+  const dir = mkdtempSync(join(tmpdir(), 'vmlet-agent-'));
+  const socketPath = join(dir, 'agent.sock');
+  const agentArgs = ['--listen', `unix:${socketPath}`, '--no-init', '--state-dir', join(dir, 'state')];
+  const child = opts.mountNamespace
+    ? spawn('unshare', ['--mount', '--propagation', 'private', agentBinary, ...agentArgs], { stdio: ['ignore', 'ignore', 'pipe'] })
+    : spawn(agentBinary, agentArgs, { stdio: ['ignore', 'ignore', 'pipe'] });
+  let log = '';
+  child.stderr?.on('data', (d: Buffer) => (log += d.toString()));
+  let exited = false;
+  child.on('exit', () => (exited = true));
+  const deadline = Date.now() + 10_000;
+  for (;;) {
+    if (exited) throw new Error(`vmlet-agent exited at start-up: ${log}`);
+    if (existsSync(socketPath)) {
+      try {
+        const c = await AgentClient.connectUnix(socketPath);
+        c.close();
+        break;
+      } catch {
+        // not listening yet
+      }
+    }
+    if (Date.now() > deadline) throw new Error(`vmlet-agent did not listen on ${socketPath} within 10 s: ${log}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return {
+    socketPath,
+    dir,
+    child,
+    log: () => log,
+    connect: () => AgentClient.connectUnix(socketPath),
+    alive: () => !exited,
+    stop: async () => {
+      if (!exited) {
+        const gone = new Promise((r) => child.once('exit', r));
+        child.kill('SIGTERM');
+        await gone;
+      }
+      rmSync(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+export function collect(stream: NodeJS.ReadableStream): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    const parts: Buffer[] = [];
+    stream.on('data', (d: Buffer) => parts.push(d));
+    stream.on('end', () => resolve(Buffer.concat(parts)));
+    stream.on('error', reject);
+  });
+}
+
+/** Runs a command to completion and returns its exit status and both outputs. */
+export async function run(client: AgentClient, args: string[], extra: Partial<Parameters<AgentClient['exec']>[0]> = {}) {
+  const p: AgentProcess = await client.exec({ args, env: ['PATH=/usr/sbin:/usr/bin:/sbin:/bin'], ...extra });
+  p.stdin.end();
+  const [stdout, stderr, status] = await Promise.all([collect(p.stdout), collect(p.stderr), p.wait()]);
+  return { status, stdout: stdout.toString(), stderr: stderr.toString() };
+}
+
+/** Root, unshare, loop devices and mksquashfs: what the rootfs tests need. */
+export function rootfsPrerequisites(): string | null {
+  if (process.getuid?.() !== 0) return 'not root (mounting squashfs and overlay needs it)';
+  if (!existsSync('/dev/loop-control')) return '/dev/loop-control is missing';
+  for (const tool of ['unshare', 'mksquashfs']) {
+    if (spawnSync('sh', ['-c', `command -v ${tool}`]).status !== 0) return `${tool} is not installed`;
+  }
+  if (!existsSync('/bin/busybox')) return 'busybox-static is not installed';
+  return null;
+}
