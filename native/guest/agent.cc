@@ -162,11 +162,9 @@ const char* const kStages[] = {"setsid",  "open pty", "dup2",   "setrlimit", "se
   if (!s.hostname.empty()) {
     if (unshare(CLONE_NEWUTS) != 0 || sethostname(s.hostname.data(), s.hostname.size()) != 0) ChildFail(s, 4);
   }
-  if (!s.chroot_dir.empty()) {
-    if (chroot(s.chroot_dir.c_str()) != 0) ChildFail(s, 5);
-    if (chdir("/") != 0) ChildFail(s, 6);
-  }
-  if (!s.cwd.empty() && chdir(s.cwd.c_str()) != 0) ChildFail(s, 6);
+  if (!s.chroot_dir.empty() && chroot(s.chroot_dir.c_str()) != 0) ChildFail(s, 5);
+  // An empty cwd is the root, not whatever directory the agent happens to be in.
+  if (chdir(s.cwd.empty() ? "/" : s.cwd.c_str()) != 0) ChildFail(s, 6);
   if (geteuid() == 0) {
     if (setgroups(s.groups.size(), s.groups.data()) != 0) ChildFail(s, 7);
   }

@@ -34,9 +34,11 @@ void MountEarlyFilesystems(std::vector<std::string>* errors) {
       errors->push_back(std::string("mount ") + m.type + " on " + m.target + ": " + std::strerror(errno));
     }
   }
-  // With a private devpts instance /dev/ptmx must point into it.
-  unlink("/dev/ptmx");
-  if (symlink("pts/ptmx", "/dev/ptmx") != 0) errors->push_back(std::string("symlink /dev/ptmx: ") + std::strerror(errno));
+  // With a private devpts instance /dev/ptmx must reach its ptmx. A bind
+  // mount, not a symlink: devtmpfs is one superblock per kernel, so an unlink
+  // would also change /dev of every other mount namespace (a host, in tests).
+  if (mount("/dev/pts/ptmx", "/dev/ptmx", nullptr, MS_BIND, nullptr) != 0)
+    errors->push_back(std::string("bind /dev/pts/ptmx on /dev/ptmx: ") + std::strerror(errno));
 }
 
 KernelCmdline ParseKernelCmdline(const std::string& cmdline) {
