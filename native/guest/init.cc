@@ -22,7 +22,9 @@ void MountEarlyFilesystems(std::vector<std::string>* errors) {
   static const M kMounts[] = {
       {"proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr},
       {"sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr},
-      {"devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755"},
+      // No options: devtmpfs has one superblock per kernel and options given here
+      // would reconfigure it for every namespace that mounts it.
+      {"devtmpfs", "/dev", "devtmpfs", MS_NOSUID, nullptr},
       {"devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"},
       {"shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777"},
       {"cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr},

@@ -22,13 +22,23 @@ export interface RunningAgent {
   stop(): Promise<void>;
 }
 
-export async function startAgent(opts: { mountNamespace?: boolean } = {}): Promise<RunningAgent> {
+/**
+ * mountNamespace: run under `unshare --mount` (rootfs tests).
+ * asPid1: run as PID 1 of new PID and mount namespaces without --no-init, so
+ * the agent does its PID-1 work (early mounts, reaping) as in a guest.
+ */
+export async function startAgent(opts: { mountNamespace?: boolean; asPid1?: boolean } = {}): Promise<RunningAgent> {
   if (!existsSync(agentBinary)) throw new Error(`${agentBinary} is missing: run npm run build:agent`);
   const dir = mkdtempSync(join(tmpdir(), 'vmlet-agent-'));
   const socketPath = join(dir, 'agent.sock');
-  const agentArgs = ['--listen', `unix:${socketPath}`, '--no-init', '--state-dir', join(dir, 'state')];
-  const child = opts.mountNamespace
-    ? spawn('unshare', ['--mount', '--propagation', 'private', agentBinary, ...agentArgs], { stdio: ['ignore', 'ignore', 'pipe'] })
+  const agentArgs = ['--listen', `unix:${socketPath}`, ...(opts.asPid1 ? [] : ['--no-init']), '--state-dir', join(dir, 'state')];
+  const unshare = opts.asPid1
+    ? ['--pid', '--fork', '--kill-child', '--mount', '--propagation', 'private']
+    : opts.mountNamespace
+      ? ['--mount', '--propagation', 'private']
+      : null;
+  const child = unshare
+    ? spawn('unshare', [...unshare, agentBinary, ...agentArgs], { stdio: ['ignore', 'ignore', 'pipe'] })
     : spawn(agentBinary, agentArgs, { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';
   child.stderr?.on('data', (d: Buffer) => (log += d.toString()));
