@@ -69,7 +69,9 @@ export async function startAgent(opts: { mountNamespace?: boolean; asPid1?: bool
     stop: async () => {
       if (!exited) {
         const gone = new Promise((r) => child.once('exit', r));
-        child.kill('SIGTERM');
+        // `unshare --fork` ignores SIGTERM while it waits; SIGKILL ends it and
+        // --kill-child then delivers SIGKILL to the agent (PID 1 there).
+        child.kill(opts.asPid1 ? 'SIGKILL' : 'SIGTERM');
         await gone;
       }
       rmSync(dir, { recursive: true, force: true });
