@@ -4,6 +4,7 @@
 // iteration. Built with ASan+UBSan, so a stray read is a crash, not luck.
 //
 //   vmlet-agent-fuzz [--iterations N] [--seed S]
+//   vmlet-agent-fuzz --write-corpus DIR   (seed frames as files, for the libFuzzer target)
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -100,10 +101,23 @@ int main(int argc, char** argv) {
   long iterations = 20000;
   uint64_t seed = 1;
   for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--write-corpus")) {
+      auto frames = vmlet::agent::fuzz::SeedFrames();
+      for (size_t k = 0; k < frames.size(); k++) {
+        std::string path = std::string(argv[i + 1]) + "/seed-" + std::to_string(k);
+        FILE* f = std::fopen(path.c_str(), "wb");
+        if (!f || std::fwrite(frames[k].data(), 1, frames[k].size(), f) != frames[k].size()) {
+          std::fprintf(stderr, "vmlet-agent-fuzz: cannot write %s\n", path.c_str());
+          return 1;
+        }
+        std::fclose(f);
+      }
+      return 0;
+    }
     if (!std::strcmp(argv[i], "--iterations")) iterations = std::atol(argv[i + 1]);
     else if (!std::strcmp(argv[i], "--seed")) seed = std::strtoull(argv[i + 1], nullptr, 10);
     else {
-      std::fprintf(stderr, "usage: vmlet-agent-fuzz [--iterations N] [--seed S]\n");
+      std::fprintf(stderr, "usage: vmlet-agent-fuzz [--iterations N] [--seed S] | --write-corpus DIR\n");
       return 2;
     }
   }

@@ -1,6 +1,7 @@
 // libFuzzer entry over the same decoder (make -C native/guest libfuzzer; needs
 // clang). Not part of npm test: run it by hand for open-ended fuzzing, e.g.
-//   native/guest/build/vmlet-agent-libfuzzer -max_total_time=600
+//   mkdir corpus && native/guest/build/vmlet-agent-fuzz --write-corpus corpus
+//   native/guest/build/vmlet-agent-libfuzzer -max_total_time=600 corpus
 #include <cstddef>
 #include <cstdint>
 
