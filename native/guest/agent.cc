@@ -203,7 +203,8 @@ const char* const kStages[] = {"setsid",  "open pty", "dup2",   "setrlimit", "se
 class Agent {
  public:
   Agent(bool init_mode, std::string state_dir) : init_mode_(init_mode), state_dir_(std::move(state_dir)) {}
-  bool Setup(const std::vector<std::string>& listens);
+  bool Setup();
+  bool Listen(const std::string& spec);
   bool StackFromCmdline(const std::vector<std::string>& layers);
   void Run();
 
@@ -267,7 +268,7 @@ void Agent::Modify(int fd, Watch* w, uint32_t events) {
 
 void Agent::Unregister(int fd) { epoll_ctl(epfd_, EPOLL_CTL_DEL, fd, nullptr); }
 
-bool Agent::Setup(const std::vector<std::string>& listens) {
+bool Agent::Setup() {
   signal(SIGPIPE, SIG_IGN);
   sigset_t set;
   sigemptyset(&set);
@@ -285,44 +286,47 @@ bool Agent::Setup(const std::vector<std::string>& listens) {
     // Orphans of the processes we start come to us to be reaped, as they would to PID 1.
     prctl(PR_SET_CHILD_SUBREAPER, 1);
   }
-  for (const std::string& spec : listens) {
-    int fd = -1;
-    if (spec.rfind("unix:", 0) == 0) {
-      std::string path = spec.substr(5);
-      sockaddr_un sa{};
-      sa.sun_family = AF_UNIX;
-      if (path.empty() || path.size() >= sizeof sa.sun_path) {
-        Log("listen %s: the socket path must be 1..%zu bytes", spec.c_str(), sizeof sa.sun_path - 1);
-        return false;
-      }
-      std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);
-      struct stat st;
-      if (lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path.c_str());
-      fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-      if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0 || listen(fd, 64) != 0) {
-        Log("listen %s: %s", spec.c_str(), std::strerror(errno));
-        return false;
-      }
-    } else if (spec.rfind("vsock:", 0) == 0) {
-      sockaddr_vm sa{};
-      sa.svm_family = AF_VSOCK;
-      sa.svm_cid = VMADDR_CID_ANY;
-      sa.svm_port = static_cast<unsigned>(std::strtoul(spec.c_str() + 6, nullptr, 10));
-      fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-      if (fd < 0 || bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0 || listen(fd, 64) != 0) {
-        Log("listen %s: %s", spec.c_str(), std::strerror(errno));
-        return false;
-      }
-    } else {
-      Log("listen '%s': expected unix:/path or vsock:PORT", spec.c_str());
-      return false;
-    }
-    auto w = std::make_unique<Watch>();
-    w->kind = Watch::Listener;
-    Register(fd, w.get(), EPOLLIN);
-    listeners_.push_back(std::move(w));
-    Log("listening on %s", spec.c_str());
+  return true;
+}
+
+bool ValidListenSpec(const std::string& spec) {
+  if (spec.rfind("unix:", 0) == 0) return spec.size() > 5 && spec.size() - 5 < sizeof(sockaddr_un::sun_path);
+  if (spec.rfind("vsock:", 0) == 0)
+    return spec.size() > 6 && spec.size() <= 16 && spec.find_first_not_of("0123456789", 6) == std::string::npos;
+  return false;
+}
+
+bool Agent::Listen(const std::string& spec) {
+  int fd = -1;
+  int rc = -1;
+  if (spec.rfind("unix:", 0) == 0) {
+    std::string path = spec.substr(5);
+    sockaddr_un sa{};
+    sa.sun_family = AF_UNIX;
+    std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);
+    struct stat st;
+    if (lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) unlink(path.c_str());
+    fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd >= 0) rc = bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa);
+  } else {
+    sockaddr_vm sa{};
+    sa.svm_family = AF_VSOCK;
+    sa.svm_cid = VMADDR_CID_ANY;
+    sa.svm_port = static_cast<unsigned>(std::strtoul(spec.c_str() + 6, nullptr, 10));
+    fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd >= 0) rc = bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa);
   }
+  if (rc == 0) rc = listen(fd, 64);
+  if (rc != 0) {
+    Log("listen %s: %s", spec.c_str(), std::strerror(errno));
+    if (fd >= 0) close(fd);
+    return false;
+  }
+  auto w = std::make_unique<Watch>();
+  w->kind = Watch::Listener;
+  Register(fd, w.get(), EPOLLIN);
+  listeners_.push_back(std::move(w));
+  Log("listening on %s", spec.c_str());
   return true;
 }
 
@@ -1013,10 +1017,21 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "vmlet-agent: not PID 1 and no --listen given: nothing to serve\n");
     return Usage();
   }
+  for (const std::string& spec : listens) {
+    if (!ValidListenSpec(spec)) {
+      std::fprintf(stderr, "vmlet-agent: --listen '%s': expected unix:/path (under 108 bytes) or vsock:PORT\n", spec.c_str());
+      return Usage();
+    }
+  }
   Agent agent(init_mode, state_dir);
-  if (!agent.Setup(listens)) {
-    // As PID 1, exiting panics the guest; the host sees it on the serial log.
-    return 1;
+  if (!agent.Setup()) return 1;
+  for (const std::string& spec : listens) {
+    // As PID 1, exiting would panic the guest and leave the host a serial log
+    // only: keep trying (the vsock transport may still be probing).
+    while (!agent.Listen(spec)) {
+      if (!init_mode) return 1;
+      sleep(1);
+    }
   }
   if (!layers.empty()) agent.StackFromCmdline(layers);
   agent.Run();

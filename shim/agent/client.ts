@@ -496,7 +496,12 @@ export class AgentProcess {
     this.exited.catch(() => undefined);
   }
 
-  /** Resolves once the process has exited and all of its output has arrived. */
+  /**
+   * Resolves once the process has exited and all of its output has arrived
+   * at this client (the agent sends EXIT after both streams' EOF). As with
+   * child_process's 'exit', a consumer attached late may not have *read* it
+   * yet: await the streams' 'end' too when the output matters.
+   */
   wait(): Promise<ExitStatus> {
     return this.exited;
   }

@@ -4,7 +4,8 @@
 import { strict as assert } from 'node:assert';
 import { AgentClient, AgentError } from '../../shim/agent/client';
 import { MsgType, PayloadWriter } from '../../shim/agent/protocol';
-import { rootfsPrerequisites, run, RunningAgent, startAgent } from './agent-harness';
+import { spawnSync } from 'node:child_process';
+import { agentBinary, collect, rootfsPrerequisites, run, RunningAgent, startAgent } from './agent-harness';
 
 describe('agent: as PID 1 (host-side, in new PID and mount namespaces)', function () {
   let agent: RunningAgent;
@@ -45,10 +46,9 @@ describe('agent: as PID 1 (host-side, in new PID and mount namespaces)', functio
 
   it('its private devpts serves terminals (/dev/ptmx reaches the new instance)', async () => {
     const p = await client.exec({ args: ['sh', '-c', 'tty; stty size'], env, tty: { rows: 33, cols: 99 } });
-    let out = '';
-    p.stdout.on('data', (d: Buffer) => (out += d.toString()));
-    assert.deepEqual(await p.wait(), { code: 0, signal: null });
-    assert.match(out, /^\/dev\/pts\/\d+\r\n33 99\r\n$/);
+    const [out, status] = await Promise.all([collect(p.stdout), p.wait()]);
+    assert.deepEqual(status, { code: 0, signal: null });
+    assert.match(out.toString(), /^\/dev\/pts\/\d+\r\n33 99\r\n$/);
   });
 
   it('reaps orphans as PID 1: a detached grandchild leaves no zombie', async () => {
@@ -63,5 +63,29 @@ describe('agent: as PID 1 (host-side, in new PID and mount namespaces)', functio
     assert.ok(r.error instanceof AgentError);
     assert.equal(r.error.code, 'BAD_REQUEST');
     assert.match(r.error.message, /nsec must be below 1e9/);
+  });
+});
+
+describe('agent: command line', () => {
+  const agentRun = (args: string[]) => spawnSync(agentBinary, args, { encoding: 'utf8', timeout: 10_000 });
+  it('a --listen that is neither unix:/path nor vsock:PORT exits 2 naming both forms', () => {
+    const r = agentRun(['--listen', 'tcp:127.0.0.1:1', '--no-init']);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /--listen 'tcp:127\.0\.0\.1:1': expected unix:\/path .* or vsock:PORT/);
+  });
+  it('an unknown argument exits 2 with the usage', () => {
+    const r = agentRun(['--frobnicate']);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /unknown argument '--frobnicate'(.|\n)*usage: vmlet-agent/);
+  });
+  it('not PID 1 and nothing to listen on exits 2 saying so', () => {
+    const r = agentRun(['--no-init']);
+    assert.equal(r.status, 2);
+    assert.match(r.stderr, /no --listen given: nothing to serve/);
+  });
+  it('a socket path it cannot bind exits 1 naming the path and the errno', () => {
+    const r = agentRun(['--listen', 'unix:/nonexistent-dir/agent.sock', '--no-init']);
+    assert.equal(r.status, 1);
+    assert.match(r.stderr, /listen unix:\/nonexistent-dir\/agent\.sock: No such file or directory/);
   });
 });
