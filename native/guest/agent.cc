@@ -975,6 +975,7 @@ void Agent::DropProcess(Process* p) {
 int Usage() {
   std::fprintf(stderr,
                "usage: vmlet-agent [--listen unix:/path | --listen vsock:PORT] [--no-init] [--state-dir DIR]\n"
+               "                   [--cmdline-file PATH (as PID 1; default /proc/cmdline)]\n"
                "  As PID 1 it mounts /proc, /sys, /dev..., stacks vmlet.layers= from the kernel command line and\n"
                "  listens on vsock:%u. --no-init runs it as an ordinary program (host tests).\n",
                kDefaultVsockPort);
@@ -989,11 +990,14 @@ int main(int argc, char** argv) {
   std::vector<std::string> listens;
   bool no_init = false;
   std::string state_dir = "/run/vmlet-agent";
+  // Tests of the PID-1 path on a host give their own kernel command line.
+  std::string cmdline_file = "/proc/cmdline";
   for (int i = 1; i < argc; i++) {
     std::string a = argv[i];
     if (a == "--listen" && i + 1 < argc) listens.push_back(argv[++i]);
     else if (a == "--no-init") no_init = true;
     else if (a == "--state-dir" && i + 1 < argc) state_dir = argv[++i];
+    else if (a == "--cmdline-file" && i + 1 < argc) cmdline_file = argv[++i];
     else if (a == "--help" || a == "-h") return Usage(), 0;
     else {
       std::fprintf(stderr, "vmlet-agent: unknown argument '%s'\n", a.c_str());
@@ -1006,7 +1010,8 @@ int main(int argc, char** argv) {
     std::vector<std::string> errors;
     MountEarlyFilesystems(&errors);
     for (const std::string& e : errors) Log("%s", e.c_str());
-    std::ifstream f("/proc/cmdline");
+    std::ifstream f(cmdline_file);
+    if (!f) Log("cannot read %s: no vmlet.layers or vmlet.port settings", cmdline_file.c_str());
     std::stringstream ss;
     ss << f.rdbuf();
     KernelCmdline k = ParseKernelCmdline(ss.str());

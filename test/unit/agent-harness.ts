@@ -2,7 +2,7 @@
 // tests: `vmlet-agent --listen unix:<tmp>/agent.sock --no-init`, optionally in
 // a private mount namespace (`unshare -m`) so its rootfs mounts never leak.
 import { spawn, spawnSync, ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { AgentClient, AgentProcess } from '../../shim/agent/client';
@@ -26,12 +26,17 @@ export interface RunningAgent {
  * mountNamespace: run under `unshare --mount` (rootfs tests).
  * asPid1: run as PID 1 of new PID and mount namespaces without --no-init, so
  * the agent does its PID-1 work (early mounts, reaping) as in a guest.
+ * kernelCmdline: what the PID-1 agent reads instead of /proc/cmdline.
  */
-export async function startAgent(opts: { mountNamespace?: boolean; asPid1?: boolean } = {}): Promise<RunningAgent> {
+export async function startAgent(opts: { mountNamespace?: boolean; asPid1?: boolean; kernelCmdline?: string } = {}): Promise<RunningAgent> {
   if (!existsSync(agentBinary)) throw new Error(`${agentBinary} is missing: run npm run build:agent`);
   const dir = mkdtempSync(join(tmpdir(), 'vmlet-agent-'));
   const socketPath = join(dir, 'agent.sock');
   const agentArgs = ['--listen', `unix:${socketPath}`, ...(opts.asPid1 ? [] : ['--no-init']), '--state-dir', join(dir, 'state')];
+  if (opts.kernelCmdline !== undefined) {
+    writeFileSync(join(dir, 'cmdline'), opts.kernelCmdline);
+    agentArgs.push('--cmdline-file', join(dir, 'cmdline'));
+  }
   const unshare = opts.asPid1
     ? ['--pid', '--fork', '--kill-child', '--mount', '--propagation', 'private']
     : opts.mountNamespace
@@ -105,4 +110,36 @@ export function rootfsPrerequisites(): string | null {
   }
   if (!existsSync('/bin/busybox')) return 'busybox-static is not installed';
   return null;
+}
+
+function squashfs(dir: string, out: string): void {
+  const r = spawnSync('mksquashfs', [dir, out, '-comp', 'zstd', '-noappend', '-quiet', '-no-progress'], { encoding: 'utf8' });
+  if (r.status !== 0) throw new Error(`mksquashfs ${dir}: ${r.stderr}`);
+}
+
+/**
+ * Two real image layers made with mksquashfs (zstd) in a new temp directory:
+ * layer 1 has busybox (sh, cat, echo, ls, id, rm) and /etc/{shadowed,only1};
+ * layer 2 shadows /etc/shadowed and adds /etc/greeting.
+ */
+export function buildTestLayers(): { work: string; layer1: string; layer2: string } {
+  const work = mkdtempSync(join(tmpdir(), 'vmlet-layers-'));
+  const l1 = join(work, 'l1');
+  mkdirSync(join(l1, 'bin'), { recursive: true });
+  mkdirSync(join(l1, 'etc'));
+  mkdirSync(join(l1, 'tmp'));
+  copyFileSync('/bin/busybox', join(l1, 'bin', 'busybox'));
+  chmodSync(join(l1, 'bin', 'busybox'), 0o755);
+  for (const applet of ['sh', 'cat', 'echo', 'ls', 'id', 'rm']) symlinkSync('busybox', join(l1, 'bin', applet));
+  writeFileSync(join(l1, 'etc', 'shadowed'), 'layer1\n');
+  writeFileSync(join(l1, 'etc', 'only1'), 'only in layer1\n');
+  const l2 = join(work, 'l2');
+  mkdirSync(join(l2, 'etc'), { recursive: true });
+  writeFileSync(join(l2, 'etc', 'shadowed'), 'layer2\n');
+  writeFileSync(join(l2, 'etc', 'greeting'), 'hello from layer 2\n');
+  const layer1 = join(work, 'layer1.sqfs');
+  const layer2 = join(work, 'layer2.sqfs');
+  squashfs(l1, layer1);
+  squashfs(l2, layer2);
+  return { work, layer1, layer2 };
 }

@@ -5,7 +5,8 @@ import { strict as assert } from 'node:assert';
 import { AgentClient, AgentError } from '../../shim/agent/client';
 import { MsgType, PayloadWriter } from '../../shim/agent/protocol';
 import { spawnSync } from 'node:child_process';
-import { agentBinary, collect, rootfsPrerequisites, run, RunningAgent, startAgent } from './agent-harness';
+import { rmSync } from 'node:fs';
+import { agentBinary, buildTestLayers, collect, rootfsPrerequisites, run, RunningAgent, startAgent } from './agent-harness';
 
 describe('agent: as PID 1 (host-side, in new PID and mount namespaces)', function () {
   let agent: RunningAgent;
@@ -63,6 +64,37 @@ describe('agent: as PID 1 (host-side, in new PID and mount namespaces)', functio
     assert.ok(r.error instanceof AgentError);
     assert.equal(r.error.code, 'BAD_REQUEST');
     assert.match(r.error.message, /nsec must be below 1e9/);
+  });
+});
+
+describe('agent: as PID 1 with vmlet.layers= on the kernel command line', function () {
+  let agent: RunningAgent;
+  let client: AgentClient;
+  let layers: ReturnType<typeof buildTestLayers>;
+
+  before(async function () {
+    const missing = rootfsPrerequisites();
+    if (missing) {
+      console.log(`      !!! SKIPPED: needs root, loop devices, unshare, mksquashfs, busybox-static: ${missing}`);
+      this.skip();
+    }
+    layers = buildTestLayers();
+    agent = await startAgent({
+      asPid1: true,
+      kernelCmdline: `console=ttyS0 quiet vmlet.layers=${layers.layer1},${layers.layer2} vmlet.port=1024\n`,
+    });
+    client = await agent.connect();
+  });
+  after(async () => {
+    client?.close();
+    await agent?.stop();
+    if (layers) rmSync(layers.work, { recursive: true, force: true });
+  });
+
+  it('stacks the layers at start as rootfs "rootfs", ready for EXEC without MOUNT_ROOTFS', async () => {
+    const r = await run(client, ['sh', '-c', 'cat /etc/greeting /etc/shadowed'], { rootfs: 'rootfs', env: ['PATH=/bin'] });
+    assert.equal(r.stdout, 'hello from layer 2\nlayer2\n');
+    assert.deepEqual(r.status, { code: 0, signal: null });
   });
 });
 

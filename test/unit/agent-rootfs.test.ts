@@ -3,19 +3,12 @@
 // tmpfs upper, inside a private mount namespace (`unshare -m`).
 import { strict as assert } from 'node:assert';
 import { createHash } from 'node:crypto';
-import { spawnSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync, copyFileSync, chmodSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { AgentClient, AgentError } from '../../shim/agent/client';
-import { rootfsPrerequisites, run, RunningAgent, startAgent } from './agent-harness';
+import { buildTestLayers, rootfsPrerequisites, run, RunningAgent, startAgent } from './agent-harness';
 
 const fileSha = (p: string): string => createHash('sha256').update(readFileSync(p)).digest('hex');
-
-function squashfs(dir: string, out: string): void {
-  const r = spawnSync('mksquashfs', [dir, out, '-comp', 'zstd', '-noappend', '-quiet', '-no-progress'], { encoding: 'utf8' });
-  if (r.status !== 0) throw new Error(`mksquashfs ${dir}: ${r.stderr}`);
-}
 
 describe('agent: rootfs stacking (squashfs layers + overlayfs, host-side in a mount namespace)', function () {
   let agent: RunningAgent;
@@ -30,25 +23,7 @@ describe('agent: rootfs stacking (squashfs layers + overlayfs, host-side in a mo
       console.log(`      !!! SKIPPED: rootfs stacking needs root, loop devices, unshare, mksquashfs, busybox-static: ${missing}`);
       this.skip();
     }
-    work = mkdtempSync(join(tmpdir(), 'vmlet-layers-'));
-    // Layer 1: busybox and its applets, plus a file layer 2 will shadow.
-    const l1 = join(work, 'l1');
-    mkdirSync(join(l1, 'bin'), { recursive: true });
-    mkdirSync(join(l1, 'etc'));
-    mkdirSync(join(l1, 'tmp'));
-    copyFileSync('/bin/busybox', join(l1, 'bin', 'busybox'));
-    chmodSync(join(l1, 'bin', 'busybox'), 0o755);
-    for (const applet of ['sh', 'cat', 'echo', 'ls', 'id', 'rm']) symlinkSync('busybox', join(l1, 'bin', applet));
-    writeFileSync(join(l1, 'etc', 'shadowed'), 'layer1\n');
-    writeFileSync(join(l1, 'etc', 'only1'), 'only in layer1\n');
-    const l2 = join(work, 'l2');
-    mkdirSync(join(l2, 'etc'), { recursive: true });
-    writeFileSync(join(l2, 'etc', 'shadowed'), 'layer2\n');
-    writeFileSync(join(l2, 'etc', 'greeting'), 'hello from layer 2\n');
-    layer1 = join(work, 'layer1.sqfs');
-    layer2 = join(work, 'layer2.sqfs');
-    squashfs(l1, layer1);
-    squashfs(l2, layer2);
+    ({ work, layer1, layer2 } = buildTestLayers());
     agent = await startAgent({ mountNamespace: true });
     client = await agent.connect();
   });
