@@ -820,14 +820,21 @@ void Agent::OutputReadable(Process* p, int stream) {
     return;
   }
   size_t want = std::min<size_t>(o.credit, kMaxDataChunk);
-  std::vector<uint8_t> payload(1 + want);
-  payload[0] = static_cast<uint8_t>(stream + 1);
-  ssize_t n = read(o.fd, payload.data() + 1, want);
+  // The frame is built around the read buffer: bulk output is copied once,
+  // from the pipe into the frame, and never again before the socket.
+  std::vector<uint8_t> frame(kHeaderSize + 1 + want);
+  frame[kHeaderSize] = static_cast<uint8_t>(stream + 1);
+  ssize_t n = read(o.fd, frame.data() + kHeaderSize + 1, want);
   if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
   if (n > 0) {
-    payload.resize(1 + static_cast<size_t>(n));
+    frame.resize(kHeaderSize + 1 + static_cast<size_t>(n));
+    FrameHeader h;
+    h.length = static_cast<uint32_t>(1 + n);
+    h.type = static_cast<uint16_t>(MsgType::Output);
+    h.id = p->id;
+    EncodeHeader(frame.data(), h);
     o.credit -= static_cast<uint32_t>(n);
-    Send(p->conn, Frame(MsgType::Output, p->id, payload));
+    Send(p->conn, std::move(frame));
     if (o.credit == 0) SetOutputRegistered(p, stream, false);
     return;
   }
