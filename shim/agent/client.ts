@@ -12,6 +12,7 @@ import {
   FrameParser,
   INITIAL_WINDOW,
   MAX_DATA_CHUNK,
+  MAX_PAYLOAD,
   MsgType,
   PayloadReader,
   PayloadWriter,
@@ -287,6 +288,8 @@ export class AgentClient {
   private requestWithId(id: number, type: MsgType, payload: Buffer, what: string, expect: MsgType[]): Promise<Reply> {
     return new Promise<Reply>((resolve, reject) => {
       if (this.closedError) return reject(this.closedError);
+      if (payload.length > MAX_PAYLOAD)
+        return reject(new AgentError('FRAME_TOO_LARGE', `${what}: the request is ${payload.length} bytes, above the ${MAX_PAYLOAD}-byte frame limit (shorten args/env)`));
       this.pending.set(id, {
         resolve: (r) => {
           if (expect.includes(r.type)) resolve(r);

@@ -74,6 +74,32 @@ describe('agent: processes (host-side, over a Unix socket)', function () {
     assert.equal(sha(await out), sha(input));
   });
 
+  it('a process killed by SIGSEGV is reported as signal 11 (139 in CLI terms)', async () => {
+    const r = await run(client, ['sh', '-c', 'kill -SEGV $$']);
+    assert.deepEqual(r.status, { code: null, signal: 11 });
+    assert.equal(shellExitCode(r.status), 139);
+  });
+
+  it('stdin sent to a process that closed its stdin never stalls the host (credit comes back)', async () => {
+    const p = await client.exec({ args: ['sh', '-c', 'exec 0<&-; exec sleep 30'], env: ['PATH=/usr/bin:/bin'] });
+    // 2 MiB is far beyond the 256 KiB window: end() completes only if the
+    // agent hands back the credit of bytes it can no longer deliver.
+    await new Promise<void>((resolve, reject) => p.stdin.on('error', reject).end(randomBytes(2 << 20), () => resolve()));
+    process.kill(p.pid, 0); // still running: the credit did not come from its exit
+    await p.signal('SIGKILL');
+    assert.deepEqual(await p.wait(), { code: null, signal: 9 });
+  });
+
+  it('a request above the 1 MiB frame limit is refused by the client before it is sent', async () => {
+    await assert.rejects(client.exec({ args: ['true'], env: [`BIG=${'x'.repeat(1 << 20)}`] }), (e: unknown) => {
+      assert.ok(e instanceof AgentError);
+      assert.equal(e.code, 'FRAME_TOO_LARGE');
+      assert.match(e.message, /above the 1048576-byte frame limit/);
+      return true;
+    });
+    await client.ping();
+  });
+
   it('SIGTERM reaches the process: its trap runs and sets the exit code', async () => {
     const p = await client.exec({
       args: ['sh', '-c', 'trap "echo got-term; exit 3" TERM; echo ready; while :; do sleep 0.05; done'],
