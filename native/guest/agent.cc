@@ -331,6 +331,12 @@ bool Agent::Listen(const std::string& spec) {
 }
 
 bool Agent::StackFromCmdline(const std::vector<std::string>& layers) {
+  // Block devices are created in devtmpfs as their drivers probe; give a
+  // late one a few seconds before calling the layer missing.
+  for (const std::string& layer : layers) {
+    struct stat st;
+    for (int i = 0; i < 50 && stat(layer.c_str(), &st) != 0; i++) usleep(100 * 1000);
+  }
   StackedRootfs out;
   std::string err;
   if (!StackRootfs(state_dir_, "rootfs", layers, "tmpfs", &out, &err)) {

@@ -204,6 +204,24 @@ export class AgentClient {
   }
 
   async exec(opts: ExecOptions): Promise<AgentProcess> {
+    const u32 = (v: number, field: string): void => {
+      if (!Number.isInteger(v) || v < 0 || v > 0xffffffff) throw new AgentError('BAD_REQUEST', `exec ${field} ${v} is not an integer in 0..4294967295`);
+    };
+    const u16 = (v: number, field: string): void => {
+      if (!Number.isInteger(v) || v < 0 || v > 0xffff) throw new AgentError('BAD_REQUEST', `exec ${field} ${v} is not an integer in 0..65535`);
+    };
+    u32(opts.uid ?? 0, 'uid');
+    u32(opts.gid ?? 0, 'gid');
+    (opts.groups ?? []).forEach((g) => u32(g, 'group'));
+    if (opts.tty) {
+      u16(opts.tty.rows, 'tty rows');
+      u16(opts.tty.cols, 'tty cols');
+    }
+    for (const l of opts.rlimits ?? []) {
+      if (!(l.resource in RLIMIT)) throw new AgentError('BAD_REQUEST', `exec rlimit '${String(l.resource)}' is not one of ${Object.keys(RLIMIT).join(', ')}`);
+      for (const v of [l.soft, l.hard])
+        if (v < 0n || v > 0xffffffffffffffffn) throw new AgentError('BAD_REQUEST', `exec rlimit ${l.resource} value ${v} is outside 0..2^64-1`);
+    }
     const w = new PayloadWriter()
       .u32(opts.tty ? EXEC_FLAG_TTY : 0)
       .strList(opts.args)
@@ -516,6 +534,8 @@ export class AgentProcess {
 
   /** Sets the terminal's size; the process gets SIGWINCH from the kernel. */
   async resize(rows: number, cols: number): Promise<void> {
+    for (const [v, name] of [[rows, 'rows'], [cols, 'cols']] as const)
+      if (!Number.isInteger(v) || v < 0 || v > 0xffff) throw new AgentError('BAD_REQUEST', `resize ${name} ${v} is not an integer in 0..65535`);
     const payload = new PayloadWriter().u32(this.id).u16(rows).u16(cols).build();
     await this.client.request(MsgType.Resize, payload, `RESIZE process ${this.id}`, [MsgType.Ok]);
   }

@@ -245,6 +245,11 @@ describe('agent: processes (host-side, over a Unix socket)', function () {
       await p.signal('SIGKILL');
       await p.wait();
     });
+    it('a uid outside u32 or a terminal size outside u16: BAD_REQUEST from the client, nothing sent', async () => {
+      await expectCode(client.exec({ args: ['true'], uid: -1 }), 'BAD_REQUEST', /uid -1 is not an integer/);
+      await expectCode(client.exec({ args: ['true'], tty: { rows: 70000, cols: 80 } }), 'BAD_REQUEST', /tty rows 70000/);
+      await client.ping();
+    });
     it('SET_CLOCK on a host-side agent: UNSUPPORTED (it would set the host clock)', () =>
       expectCode(client.setClock(new Date()), 'UNSUPPORTED', /not PID 1/));
   });
