@@ -12,6 +12,7 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
@@ -128,8 +129,29 @@ struct ChildFailure {
   int32_t err;
 };
 
-const char* const kStages[] = {"setsid",  "open pty", "dup2",   "setrlimit", "set hostname", "chroot",
+const char* const kStages[] = {"setsid",  "open pty",  "dup2",   "setrlimit", "set hostname", "enter rootfs",
                                "chdir",   "setgroups", "setgid", "setuid",    "execve"};
+constexpr int kNumStages = sizeof kStages / sizeof kStages[0];
+
+// Makes dir the process's root in a mount namespace of its own, so nothing
+// outside the rootfs (the agent's files, other containers' trees) stays
+// reachable, as chroot alone would leave it. pivot_root cannot leave an
+// initramfs root (EINVAL); there the root is replaced by moving the rootfs
+// mount over it, which is safe because the namespace is private.
+bool EnterRootfs(const std::string& dir) {
+  if (unshare(CLONE_NEWNS) != 0) return false;
+  if (mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) return false;
+  if (chdir(dir.c_str()) != 0) return false;
+  if (syscall(SYS_pivot_root, ".", ".") == 0) {
+    // The old root is stacked on top of the new one at "/": detach it.
+    if (umount2(".", MNT_DETACH) != 0) return false;
+  } else {
+    if (errno != EINVAL) return false;
+    if (mount(".", "/", nullptr, MS_MOVE, nullptr) != 0) return false;
+    if (chroot(".") != 0) return false;
+  }
+  return chdir("/") == 0;
+}
 
 [[noreturn]] void ChildFail(const ChildSpec& s, int stage) {
   ChildFailure f{stage, errno};
@@ -162,7 +184,7 @@ const char* const kStages[] = {"setsid",  "open pty", "dup2",   "setrlimit", "se
   if (!s.hostname.empty()) {
     if (unshare(CLONE_NEWUTS) != 0 || sethostname(s.hostname.data(), s.hostname.size()) != 0) ChildFail(s, 4);
   }
-  if (!s.chroot_dir.empty() && chroot(s.chroot_dir.c_str()) != 0) ChildFail(s, 5);
+  if (!s.chroot_dir.empty() && !EnterRootfs(s.chroot_dir)) ChildFail(s, 5);
   // An empty cwd is the root, not whatever directory the agent happens to be in.
   if (chdir(s.cwd.empty() ? "/" : s.cwd.c_str()) != 0) ChildFail(s, 6);
   if (geteuid() == 0) {
@@ -777,7 +799,7 @@ void Agent::HandleExec(Conn* c, const HostMessage& m) {
     while (waitpid(pid, &st, 0) < 0 && errno == EINTR) {
     }
     close_all();
-    const char* stage = f.stage >= 0 && f.stage < 11 ? kStages[f.stage] : "setup";
+    const char* stage = f.stage >= 0 && f.stage < kNumStages ? kStages[f.stage] : "setup";
     SendError(c, id, ErrorCode::ExecFailed,
               "starting '" + r.args[0] + "' failed at " + stage + ": " + std::strerror(f.err));
     return;

@@ -58,6 +58,18 @@ describe('agent: rootfs stacking (squashfs layers + overlayfs, host-side in a mo
     assert.equal(r.stdout, '1000\n/etc\ncat\n/dev/null\n');
   });
 
+  it('the container root is the rootfs alone (pivot_root in its own mount namespace): no image or host mount is reachable', async () => {
+    const r = await run(client, ['sh', '-c', 'ls /; cat /proc/self/mounts'], { rootfs: 'c1', env });
+    const lines = r.stdout.split('\n');
+    const [listing, mounts] = [lines.slice(0, 6), lines.slice(6).filter(Boolean)];
+    assert.deepEqual(listing, ['bin', 'dev', 'etc', 'new-file', 'proc', 'tmp']);
+    assert.equal(mounts[0].split(' ').slice(1, 3).join(' '), '/ overlay', mounts.join('\n'));
+    for (const m of mounts) {
+      assert.ok(!/ squashfs /.test(m), `a layer mount is visible in the container: ${m}`);
+      assert.ok(/^\S+ \/(proc|dev)?(\/\S*)? /.test(m), `unexpected mount in the container: ${m}`);
+    }
+  });
+
   it('the mounts stay inside the agent mount namespace: the host does not see them', () => {
     const mountinfo = readFileSync('/proc/self/mountinfo', 'utf8');
     assert.ok(!mountinfo.includes(join(agent.dir, 'state')), 'the overlay leaked into the host mount namespace');
