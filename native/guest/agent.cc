@@ -129,6 +129,10 @@ struct ChildFailure {
   int32_t err;
 };
 
+// The agent raises its own descriptor limit (every process costs it three or
+// four); processes get the limit the agent was started with, then their own.
+rlimit g_inherited_nofile{};
+
 const char* const kStages[] = {"setsid",  "open pty",  "dup2",   "setrlimit", "set hostname", "enter rootfs",
                                "chdir",   "setgroups", "setgid", "setuid",    "execve"};
 constexpr int kNumStages = sizeof kStages / sizeof kStages[0];
@@ -177,6 +181,7 @@ bool EnterRootfs(const std::string& dir) {
   if (dup2(s.in_fd, 0) < 0 || dup2(s.out_fd, 1) < 0 || dup2(s.err_fd, 2) < 0) ChildFail(s, 2);
   // Every agent descriptor is O_CLOEXEC; this also catches any that is not.
   syscall(SYS_close_range, 3u, ~0u, 4u /* CLOSE_RANGE_CLOEXEC */);
+  if (setrlimit(RLIMIT_NOFILE, &g_inherited_nofile) != 0) ChildFail(s, 3);
   for (const Rlimit& l : s.rlimits) {
     rlimit r{static_cast<rlim_t>(l.soft), static_cast<rlim_t>(l.hard)};
     if (setrlimit(static_cast<__rlimit_resource>(l.resource), &r) != 0) ChildFail(s, 3);
@@ -1040,6 +1045,10 @@ int main(int argc, char** argv) {
     }
   }
   bool init_mode = getpid() == 1 && !no_init;
+  getrlimit(RLIMIT_NOFILE, &g_inherited_nofile);
+  rlimit raised = g_inherited_nofile;
+  raised.rlim_cur = raised.rlim_max;
+  setrlimit(RLIMIT_NOFILE, &raised);
   std::vector<std::string> layers;
   if (init_mode) {
     std::vector<std::string> errors;

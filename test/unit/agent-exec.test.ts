@@ -189,6 +189,14 @@ describe('agent: processes (host-side, over a Unix socket)', function () {
     assert.equal(r.stdout, '123\n456\n');
   });
 
+  it('without rlimits a process gets the descriptor limit the agent was started with, not the agent raised one', async () => {
+    const r = await run(client, ['sh', '-c', 'ulimit -n; ulimit -Hn']);
+    const [soft, hard] = readFileSync(`/proc/${process.pid}/limits`, 'utf8').match(/Max open files\s+(\d+|unlimited)\s+(\d+|unlimited)/)!.slice(1);
+    assert.equal(r.stdout, `${soft}\n${hard}\n`);
+    const agentSoft = readFileSync(`/proc/${agent.child.pid}/limits`, 'utf8').match(/Max open files\s+(\d+|unlimited)/)![1];
+    assert.equal(agentSoft, hard, 'the agent did not raise its own soft limit to the hard one');
+  });
+
   it('hostname is set in the process own UTS namespace, not on the host', async () => {
     const r = await run(client, ['hostname'], { hostname: 'box-1' });
     assert.equal(r.stdout, 'box-1\n');
