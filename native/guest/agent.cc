@@ -87,6 +87,10 @@ struct Process {
   pid_t pid = -1;
   bool tty = false;
   int tty_master = -1;  // for TIOCSWINSZ; the same descriptor as out[0].fd
+  // The terminal's master after its output ended, kept open until the reap:
+  // closing the last master descriptor hangs up the terminal, and a process
+  // that has closed its fds but not finished exiting would die of SIGHUP.
+  int tty_hold = -1;
   OutStream out[2];
   int stdin_fd = -1;
   Watch stdin_watch;
@@ -537,6 +541,10 @@ void Agent::CloseConn(Conn* c) {
       p->out[s].eof = true;
     }
     CloseStdin(p);
+    if (p->tty_hold >= 0) {
+      close(p->tty_hold);
+      p->tty_hold = -1;
+    }
     if (p->exited) p->gone = true;
   }
   c->procs.clear();
@@ -874,8 +882,13 @@ void Agent::OutputReadable(Process* p, int stream) {
   // 0 is EOF on a pipe; a terminal's master reports EIO once every slave
   // descriptor is closed. Either way the stream is finished: say so once.
   SetOutputRegistered(p, stream, false);
-  if (p->tty_master == o.fd) p->tty_master = -1;
-  close(o.fd);
+  if (p->tty_master == o.fd) {
+    p->tty_master = -1;
+    if (p->exited) close(o.fd);
+    else p->tty_hold = o.fd;
+  } else {
+    close(o.fd);
+  }
   o.fd = -1;
   o.eof = true;
   std::vector<uint8_t> eof{static_cast<uint8_t>(stream + 1)};
@@ -973,6 +986,10 @@ void Agent::Reap() {
     by_pid_.erase(it);
     p->exited = true;
     p->status = status;
+    if (p->tty_hold >= 0) {
+      close(p->tty_hold);
+      p->tty_hold = -1;
+    }
     if (p->conn == nullptr) {
       p->gone = true;
       continue;
@@ -1000,6 +1017,10 @@ void Agent::MaybeFinish(Process* p) {
 
 void Agent::DropProcess(Process* p) {
   CloseStdin(p);
+  if (p->tty_hold >= 0) {
+    close(p->tty_hold);
+    p->tty_hold = -1;
+  }
   for (int s = 0; s < 2; s++) {
     if (p->out[s].fd >= 0) {
       SetOutputRegistered(p, s, false);

@@ -173,6 +173,21 @@ describe('agent: processes (host-side, over a Unix socket)', function () {
     assert.equal((await collect(p.stderr)).length, 0);
   });
 
+  it('stdin EOF on a terminal is the VEOF character: cat at a line start sees end of file', async () => {
+    const p = await client.exec({ args: ['cat'], env: ['PATH=/usr/bin:/bin'], tty: { rows: 24, cols: 80 } });
+    const out = collect(p.stdout);
+    p.stdin.end('abc\n');
+    assert.deepEqual(await p.wait(), { code: 0, signal: null });
+    // The terminal echoes the line, then cat writes it back.
+    assert.equal((await out).toString(), 'abc\r\nabc\r\n');
+  });
+
+  it('EXIT comes after the output of a background child that still held stdout', async () => {
+    const r = await run(client, ['sh', '-c', '(sleep 0.3; echo late) & echo early'], { env: ['PATH=/usr/bin:/bin'] });
+    assert.equal(r.stdout, 'early\nlate\n');
+    assert.deepEqual(r.status, { code: 0, signal: null });
+  });
+
   it('env is exactly what was asked and cwd is applied', async () => {
     const r = await run(client, ['sh', '-c', 'echo "$FOO|$(pwd)|${HOME-unset}"'], { env: ['FOO=bar baz', 'PATH=/bin:/usr/bin'], cwd: '/tmp' });
     assert.equal(r.stdout, 'bar baz|/tmp|unset\n');
