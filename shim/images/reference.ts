@@ -42,9 +42,10 @@ export function parseReference(ref: string): ImageReference {
   const registry = rest.slice(0, slash);
   let path = rest.slice(slash + 1);
   const looksLikeHost = registry.includes('.') || registry.includes(':') || registry === 'localhost';
-  if (!looksLikeHost || !HOST.test(registry)) {
-    throw bad(ref, `'${registry}' is not a registry host (needs a '.', a ':port' or to be 'localhost')`);
+  if (!looksLikeHost) {
+    throw bad(ref, `it names no registry host ('${registry}' has no '.', no ':port' and is not 'localhost'; vmlet has no default registry)`);
   }
+  if (!HOST.test(registry)) throw bad(ref, `'${registry}' is not a valid host[:port]`);
   let tag: string | undefined;
   const colon = path.lastIndexOf(':');
   if (colon >= 0) {

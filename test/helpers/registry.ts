@@ -4,7 +4,7 @@
 // are built locally (busybox-static → umoci OCI layout → skopeo copy); nothing is downloaded.
 import { spawn, execFile, ChildProcess } from 'node:child_process';
 import { promisify } from 'node:util';
-import { mkdtempSync, writeFileSync, readFileSync, rmSync, mkdirSync, copyFileSync, symlinkSync } from 'node:fs';
+import { mkdtempSync, writeFileSync, readFileSync, rmSync, mkdirSync, copyFileSync, symlinkSync, readdirSync, statSync } from 'node:fs';
 import { createServer, AddressInfo, Server } from 'node:net';
 import http, { IncomingMessage, ServerResponse } from 'node:http';
 import { createSign, createHash, randomBytes } from 'node:crypto';
@@ -232,7 +232,7 @@ export function populateFiles(rootfs: string, dirName: string, count: number, by
 
 // ---- raw registry API, for content skopeo will not produce (multi-platform indexes) ----
 
-function request(method: string, url: string, headers: Record<string, string>, body?: Buffer): Promise<{ status: number; headers: http.IncomingHttpHeaders; body: Buffer }> {
+function request(method: string, url: string, headers: http.OutgoingHttpHeaders, body?: Buffer): Promise<{ status: number; headers: http.IncomingHttpHeaders; body: Buffer }> {
   return new Promise((resolve, reject) => {
     const req = http.request(url, { method, headers }, (res) => {
       const chunks: Buffer[] = [];
@@ -276,4 +276,121 @@ export async function getManifest(registry: Registry, repo: string, reference: s
 
 export function tempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), prefix));
+}
+
+// ---- a misbehaving registry: a 127.0.0.1 proxy in front of the real one ----
+
+export interface Upstream {
+  status: number;
+  headers: http.IncomingHttpHeaders;
+  body: Buffer;
+}
+
+export interface ProxyContext {
+  req: IncomingMessage;
+  res: ServerResponse;
+  path: string;
+  /** forwards the request as it is to the real registry and returns its whole answer */
+  upstream(): Promise<Upstream>;
+  /** sends an upstream answer (possibly edited) back to the client */
+  reply(u: Upstream): void;
+}
+
+export interface Proxy {
+  host: string;
+  /** every request seen: method, path and Range header */
+  seen: { method: string; path: string; range?: string }[];
+  stop(): Promise<void>;
+}
+
+/** `handle` returns true when it answered the request itself; otherwise it is passed through. */
+export async function startProxy(target: Registry, handle: (ctx: ProxyContext) => Promise<boolean> | boolean): Promise<Proxy> {
+  const seen: Proxy['seen'] = [];
+  const sockets = new Set<import('node:net').Socket>();
+  const upstreamOf = (req: IncomingMessage): Promise<Upstream> => {
+    const headers = { ...req.headers, host: target.host };
+    return request(req.method ?? 'GET', `http://${target.host}${req.url ?? '/'}`, headers);
+  };
+  const reply = (res: ServerResponse, u: Upstream): void => {
+    const headers = { ...u.headers };
+    delete headers['transfer-encoding'];
+    delete headers.connection;
+    headers['content-length'] = String(u.body.length);
+    res.writeHead(u.status, headers);
+    res.end(u.body);
+  };
+  const server = http.createServer((req, res) => {
+    const path = (req.url ?? '/').split('?')[0];
+    seen.push({ method: req.method ?? 'GET', path, range: req.headers.range });
+    const ctx: ProxyContext = { req, res, path, upstream: () => upstreamOf(req), reply: (u) => reply(res, u) };
+    void (async () => {
+      try {
+        if (await handle(ctx)) return;
+        reply(res, await upstreamOf(req));
+      } catch (e) {
+        res.destroy(e as Error);
+      }
+    })();
+  });
+  server.on('connection', (s) => {
+    sockets.add(s);
+    s.on('close', () => sockets.delete(s));
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  return {
+    host: `127.0.0.1:${(server.address() as AddressInfo).port}`,
+    seen,
+    stop: () => new Promise((r) => {
+      for (const s of sockets) s.destroy();
+      server.close(() => r());
+    }),
+  };
+}
+
+// ---- fixtures shared by the image tests ----
+
+export interface TestImages {
+  layout: OciLayout;
+  /** busybox base + a layer of its own, per repository name */
+  refs: Record<string, string>;
+}
+
+/**
+ * Builds a busybox base image and, for each name, an image = base + one layer of generated
+ * files, and pushes each as `<registry>/test/<name>:v1`. All images share the base layer blob.
+ */
+export async function pushBusyboxImages(registry: Registry, names: string[], workDir: string,
+  opts: { filesPerLayer?: number; fileBytes?: number } = {}): Promise<TestImages> {
+  const layout = await OciLayout.create(join(workDir, 'layout'));
+  await layout.newImage('empty');
+  await layout.addLayer('empty', 'base', populateBusybox);
+  await layout.configure('base', { entrypoint: ['/bin/sh', '-c'], cmd: ['echo hello'], env: ['GREETING=hello'], workingDir: '/srv', user: '1000:1000' });
+  const refs: Record<string, string> = {};
+  for (const name of names) {
+    await layout.addLayer('base', name, (rootfs) => populateFiles(rootfs, name, opts.filesPerLayer ?? 4, opts.fileBytes ?? 4096, name));
+    await layout.push(name, registry, `test/${name}:v1`);
+    refs[name] = `${registry.host}/test/${name}:v1`;
+  }
+  return { layout, refs };
+}
+
+/** Every file under `root` (relative paths), for "nothing was left behind" assertions. */
+export function listFiles(root: string): string[] {
+  const out: string[] = [];
+  const walk = (dir: string, rel: string): void => {
+    let names: string[];
+    try {
+      names = readdirSync(dir);
+    } catch {
+      return;
+    }
+    for (const n of names) {
+      const p = join(dir, n);
+      const r = rel ? `${rel}/${n}` : n;
+      if (statSync(p).isDirectory()) walk(p, r);
+      else out.push(r);
+    }
+  };
+  walk(root, '');
+  return out.sort();
 }
