@@ -394,3 +394,9 @@ export function listFiles(root: string): string[] {
   walk(root, '');
   return out.sort();
 }
+
+export async function getBlob(registry: Registry, repo: string, digest: string): Promise<Buffer> {
+  const r = await request('GET', `http://${registry.host}/v2/${repo}/blobs/${digest}`, {});
+  if (r.status !== 200) throw new Error(`blob get: HTTP ${r.status}`);
+  return r.body;
+}
