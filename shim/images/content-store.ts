@@ -167,6 +167,7 @@ export class ContentStore {
       await fsp.unlink(partial).catch(() => undefined);
     };
     try {
+      let truncation: ImageError | undefined;
       for (let attempt = 0; ; attempt++) {
         if (have === desc.size) break;
         try {
@@ -187,13 +188,14 @@ export class ContentStore {
             opts.onProgress?.(have);
           }, () => have);
           if (have < desc.size) {
-            throw new ImageError('SIZE_MISMATCH',
+            truncation = new ImageError('SIZE_MISMATCH',
               `${what} is truncated: the server ended it after ${have} of ${desc.size} bytes`);
+            throw truncation;
           }
         } catch (e) {
           // A short clean end may be a proxy cutting the stream: retry it from where it stopped.
           // If it persists, the outer handler discards the partial file (its server is at fault).
-          const shortEnd = isImageError(e, 'SIZE_MISMATCH') && have < desc.size;
+          const shortEnd = e === truncation;
           const retryable = shortEnd || isImageError(e, 'TIMEOUT')
             || (!(e instanceof ImageError) && (opts.isRetryable?.(e) ?? false));
           if (!retryable || attempt >= retries) throw e;
