@@ -437,9 +437,9 @@ LayerConversion ConvertLayer(const std::string& input, const std::string& output
     }
     result.diff_id = stream.DiffId();
     result.tar_bytes = stream.bytes();
-    SyncPath(tmp, O_RDONLY);
+    if (options.durable) SyncPath(tmp, O_RDONLY);
     if (::rename(tmp.c_str(), output.c_str()) != 0) throw SysError(ErrorKind::Image, "rename " + tmp + " to " + output);
-    SyncPath(DirName(output), O_RDONLY | O_DIRECTORY);
+    if (options.durable) SyncPath(DirName(output), O_RDONLY | O_DIRECTORY);
   } catch (...) {
     ::unlink(tmp.c_str());
     throw;

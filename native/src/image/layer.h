@@ -24,6 +24,10 @@ struct LayerOptions {
   uint32_t block_size = 128 * 1024;
   // Compression workers; 0 = one per CPU. Output bytes do not depend on it.
   unsigned workers = 0;
+  // fsync the image and its directory before returning, so a stored layer
+  // survives a crash. Only tests that convert thousands of throwaway mutants
+  // turn it off.
+  bool durable = true;
 };
 
 struct LayerConversion {
