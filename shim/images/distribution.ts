@@ -104,7 +104,8 @@ export class RegistryClient {
     return this.retryBaseMs * 2 ** attempt;
   }
 
-  private base(registry: string): string {
+  /** Base URL of a registry's API: HTTPS unless asked otherwise or the registry is on loopback. */
+  base(registry: string): string {
     const plain = this.opts.plainHttp === true || isLoopbackHost(registry);
     return `${plain ? 'http' : 'https'}://${registry}/v2/`;
   }

@@ -71,6 +71,17 @@ describe('images: the vmlet CLI', function () {
     assert.deepEqual((await vmlet(['--root', root, 'images', '-q'])).stdout, `${images.refs.two}\n`);
   });
 
+  it('two vmlet processes pulling the same image into one root both succeed and store it once', async function () {
+    const [a, b] = await Promise.all([vmlet(['--root', root, 'pull', '-q', images.refs.one]), vmlet(['--root', root, 'pull', '-q', images.refs.one])]);
+    assert.equal(a.code, 0, a.stderr);
+    assert.equal(b.code, 0, b.stderr);
+    assert.equal(a.stdout, b.stdout);
+    assert.equal(listFiles(join(root, 'blobs')).length, 4, 'manifest, config, two layers: once each');
+    assert.equal(listFiles(join(root, 'layers')).filter((f) => f.endsWith('.sqfs')).length, 2);
+    assert.deepEqual(listFiles(join(root, 'ingest')).filter((f) => !f.endsWith('.lock')), []);
+    assert.equal((await vmlet(['--root', root, 'gc'])).stdout, 'deleted 0 blob(s), 0 layer(s)\n');
+  });
+
   it('bad input: exit 2 with usage for misuse, exit 1 with a clear message for a bad reference', async function () {
     const noArgs = await vmlet(['--root', root, 'pull']);
     assert.equal(noArgs.code, 2);

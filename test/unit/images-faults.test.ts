@@ -8,6 +8,7 @@ import { gzipSync } from 'node:zlib';
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { ImageService } from '../../shim/images/image-service';
+import { StaticCredentials } from '../../shim/images/auth';
 import { ImageErrorCode, isImageError } from '../../shim/images/errors';
 import { OCI_MANIFEST, OCI_CONFIG, OCI_LAYER_GZIP } from '../../shim/images/mediatypes';
 import {
@@ -152,6 +153,22 @@ describe('images: bad registries and bad content', function () {
     assert.match(ranges[1] ?? '', /^bytes=\d+-$/);
     assert.ok(Number(/\d+/.exec(ranges[1]!)![0]) > 0);
     assert.equal(rec.layers[0].digest, baseLayer.digest);
+  });
+
+  it('answers a Basic challenge with the credentials it has for the registry', async function () {
+    const expected = `Basic ${Buffer.from('carol:s3cret').toString('base64')}`;
+    const ref = await via((ctx) => {
+      if (ctx.req.headers.authorization === expected) return false;
+      ctx.res.writeHead(401, { 'www-authenticate': 'Basic realm="vmlet-test"' });
+      ctx.res.end('{"errors":[{"code":"UNAUTHORIZED"}]}');
+      return true;
+    });
+    const host = proxy!.host;
+    const svc = new ImageService({ root, registry: { ...FAST, credentials: new StaticCredentials({ [host]: { username: 'carol', password: 's3cret' } }) } });
+    assert.equal((await svc.pull(ref)).layers.length, 2);
+    const without = new ImageService({ root: tempDir('vmlet-root-'), registry: FAST });
+    await assert.rejects(without.pull(ref), expectError('UNAUTHORIZED', /HTTP 401.*credentials/));
+    rmSync(without.root, { recursive: true, force: true });
   });
 
   it('follows a redirect of blob downloads to another host', async function () {

@@ -6,6 +6,7 @@ import { parseReference, formatReference, isLoopbackHost } from '../../shim/imag
 import { parsePlatform, selectPlatform, platformMatches } from '../../shim/images/platform';
 import { parseChallenge, DockerConfigCredentials } from '../../shim/images/auth';
 import { parseDigest } from '../../shim/images/digest';
+import { RegistryClient } from '../../shim/images/distribution';
 import { parseManifest, parseConfig } from '../../shim/images/manifest';
 import { isImageError } from '../../shim/images/errors';
 import { OCI_MANIFEST, OCI_CONFIG } from '../../shim/images/mediatypes';
@@ -43,6 +44,16 @@ describe('images: parsing references, platforms, challenges and credentials', fu
     assert.ok(isLoopbackHost('[::1]:5000'));
     assert.ok(!isLoopbackHost('reg.example:5000'));
     assert.ok(!isLoopbackHost('127.0.0.1.example'));
+  });
+
+  it('talks HTTPS to registries unless asked for plain HTTP or the registry is on loopback', function () {
+    const tls = new RegistryClient();
+    const plain = new RegistryClient({ plainHttp: true });
+    assert.equal(tls.base('reg.example:5000'), 'https://reg.example:5000/v2/');
+    assert.equal(plain.base('reg.example:5000'), 'http://reg.example:5000/v2/');
+    assert.equal(tls.base('127.0.0.1:5000'), 'http://127.0.0.1:5000/v2/');
+    tls.close();
+    plain.close();
   });
 
   it('parses platforms and selects from candidates (arm64 variant v8 implied)', function () {
