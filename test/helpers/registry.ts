@@ -197,9 +197,10 @@ export class OciLayout {
     await sh('umoci', args);
   }
 
-  /** Pushes `tag` to `registry/repoTag` keeping the OCI manifest and its digests. */
-  async push(tag: string, registry: Registry, repoTag: string): Promise<void> {
-    const args = ['copy', '-q', '--dest-tls-verify=false', '--preserve-digests'];
+  /** Pushes `tag` to `registry/repoTag`, keeping the OCI manifest and its digests unless a format is asked for. */
+  async push(tag: string, registry: Registry, repoTag: string, format?: 'v2s2'): Promise<void> {
+    // v2s2 rewrites the manifest into Docker schema 2, so digests cannot be preserved then.
+    const args = ['copy', '-q', '--dest-tls-verify=false', ...(format ? ['--format', format] : ['--preserve-digests'])];
     if (registry.token) args.push('--dest-creds', `${registry.token.username}:${registry.token.password}`);
     args.push(`oci:${this.dir}:${tag}`, `docker://${registry.host}/${repoTag}`);
     await sh('skopeo', args);

@@ -7,7 +7,7 @@ import { gzipSync } from 'node:zlib';
 import { execFileSync } from 'node:child_process';
 import { ImageService } from '../../shim/images/image-service';
 import { DockerConfigCredentials, StaticCredentials } from '../../shim/images/auth';
-import { OCI_MANIFEST, OCI_INDEX, OCI_CONFIG, OCI_LAYER_GZIP } from '../../shim/images/mediatypes';
+import { OCI_MANIFEST, OCI_INDEX, OCI_CONFIG, OCI_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_LAYER_GZIP } from '../../shim/images/mediatypes';
 import { isImageError } from '../../shim/images/errors';
 import {
   startRegistry, Registry, pushBusyboxImages, TestImages, tempDir, sh, pushBlob, pushManifest, getManifest, sha256, listFiles,
@@ -153,6 +153,25 @@ describe('images: pull from a real registry', function () {
     await assert.rejects(svc.pull(`${registry.host}/test/alpha:nope`), (e) => isImageError(e, 'NOT_FOUND') && /nope/.test((e as Error).message));
     await assert.rejects(svc.pull('test/alpha:v1'), (e) => isImageError(e, 'BAD_REFERENCE') && /no registry host/.test((e as Error).message));
     assert.deepEqual(listFiles(join(root, 'blobs')), []);
+  });
+
+  it('pulls Docker schema 2 manifests and a Docker manifest list', async function () {
+    await images.layout.push('beta', registry, 'test/docker:v1', 'v2s2');
+    const single = await getManifest(registry, 'test/docker', 'v1');
+    const list = Buffer.from(JSON.stringify({
+      schemaVersion: 2, mediaType: DOCKER_MANIFEST_LIST,
+      manifests: [{ mediaType: DOCKER_MANIFEST, digest: single.digest, size: single.data.length, platform: { os: 'linux', architecture: 'amd64' } }],
+    }));
+    await pushManifest(registry, 'test/docker', 'list', DOCKER_MANIFEST_LIST, list);
+    const svc = new ImageService({ root });
+    const rec = await svc.pull(`${registry.host}/test/docker:v1`);
+    assert.equal(rec.manifestMediaType, DOCKER_MANIFEST);
+    assert.ok(rec.layers.every((l) => l.mediaType === DOCKER_LAYER_GZIP));
+    assert.deepEqual(rec.config.entrypoint, ['/bin/sh', '-c']);
+    const viaList = await svc.pull(`${registry.host}/test/docker:list`);
+    assert.equal(viaList.indexDigest, sha256(list));
+    assert.equal(viaList.manifestDigest, single.digest);
+    assert.equal((await svc.layers.list()).length, 2, 'same diff-ids as the OCI image: stored once');
   });
 
   describe('an OCI index with two platforms', function () {
