@@ -4,6 +4,7 @@
 import { createReadStream, promises as fsp } from 'node:fs';
 import { basename, join, resolve } from 'node:path';
 import { createHash } from 'node:crypto';
+import { Readable } from 'node:stream';
 import { ImageError } from './errors';
 import { digestOf, isDigest, parseDigest } from './digest';
 import { ImageService, ImageSource, PullOptions } from './image-service';
@@ -281,8 +282,10 @@ class DockerArchiveSource implements ImageSource {
     return async (offset) => {
       const e = this.blobs.get(desc.digest);
       if (!e) throw badArchive(this.path, `no blob ${desc.digest}`);
-      // A zero-length range cannot be expressed with start/end: hand over an empty stream.
-      const stream = createReadStream(this.path, e.size - offset > 0 ? { start: e.offset + offset, end: e.offset + e.size - 1 } : { start: 0, end: -1 });
+      // An empty range cannot be expressed with start/end (end is inclusive).
+      const stream = e.size - offset > 0
+        ? createReadStream(this.path, { start: e.offset + offset, end: e.offset + e.size - 1 })
+        : Readable.from([]);
       return { stream, offset };
     };
   }

@@ -171,16 +171,34 @@ describe('images: bad registries and bad content', function () {
     rmSync(without.root, { recursive: true, force: true });
   });
 
-  it('follows a redirect of blob downloads to another host', async function () {
-    const ref = await via((ctx) => {
-      if (!isBlob(ctx)) return false;
-      ctx.res.writeHead(307, { location: `http://${registry.host}${ctx.req.url ?? ''}` });
-      ctx.res.end();
-      return true;
+  it('follows a redirect of blob downloads to another host, without sending it our credentials', async function () {
+    // The redirect target is a second proxy (another host:port) that records what it is sent.
+    const authSeen: (string | undefined)[] = [];
+    const storage = await startProxy(registry, (ctx) => {
+      authSeen.push(ctx.req.headers.authorization);
+      return false;
     });
-    const rec = await new ImageService({ root, registry: FAST }).pull(ref);
-    assert.equal(rec.layers.length, 2);
-    assert.ok(proxy!.seen.some((s) => s.path.includes('/blobs/')));
+    try {
+      const expected = `Basic ${Buffer.from('dave:pw').toString('base64')}`;
+      const ref = await via((ctx) => {
+        if (ctx.req.headers.authorization !== expected) {
+          ctx.res.writeHead(401, { 'www-authenticate': 'Basic realm="vmlet-test"' });
+          ctx.res.end();
+          return true;
+        }
+        if (!isBlob(ctx)) return false;
+        ctx.res.writeHead(307, { location: `http://${storage.host}${ctx.req.url ?? ''}` });
+        ctx.res.end();
+        return true;
+      });
+      const creds = new StaticCredentials({ [proxy!.host]: { username: 'dave', password: 'pw' } });
+      const rec = await new ImageService({ root, registry: { ...FAST, credentials: creds } }).pull(ref);
+      assert.equal(rec.layers.length, 2);
+      assert.equal(storage.seen.filter((s) => s.path.includes('/blobs/')).length, 3, 'config + 2 layers fetched from the redirect target');
+      assert.deepEqual(authSeen.filter((a) => a !== undefined), [], 'no Authorization header crossed to the other host');
+    } finally {
+      await storage.stop();
+    }
   });
 
   it('a blob whose bytes do not match its digest is DIGEST_MISMATCH and nothing is stored', async function () {
