@@ -3,7 +3,7 @@
 // fuzzing by hand, and for looking at a layer without node.
 //
 //   vmlet-layer2sqfs [--compression auto|gzip|zstd|none] [--block-size N]
-//                    [--workers N] [--max-bytes N] [--max-entries N]
+//                    [--level N] [--workers N] [--max-bytes N] [--max-entries N]
 //                    [--max-path-length N] <layer blob> <output.sqfs>
 //
 // Prints one JSON line with the conversion's figures; on failure prints the
@@ -21,7 +21,7 @@ namespace {
 [[noreturn]] void Usage(const char* why) {
   std::fprintf(stderr,
                "vmlet-layer2sqfs: %s\n"
-               "usage: vmlet-layer2sqfs [--compression auto|gzip|zstd|none] [--block-size N] [--workers N]\n"
+               "usage: vmlet-layer2sqfs [--compression auto|gzip|zstd|none] [--block-size N] [--level N] [--workers N]\n"
                "                        [--max-bytes N] [--max-entries N] [--max-path-length N] <layer> <out.sqfs>\n",
                why);
   std::exit(2);
@@ -50,6 +50,7 @@ int main(int argc, char** argv) {
       };
       if (a == "--compression") opts.compression = vmlet::image::ParseLayerCompression(value());
       else if (a == "--block-size") opts.block_size = static_cast<uint32_t>(Number("--block-size", value()));
+      else if (a == "--level") opts.compression_level = static_cast<unsigned>(Number("--level", value()));
       else if (a == "--workers") opts.workers = static_cast<unsigned>(Number("--workers", value()));
       else if (a == "--max-bytes") opts.limits.max_bytes = Number("--max-bytes", value());
       else if (a == "--max-entries") opts.limits.max_entries = Number("--max-entries", value());

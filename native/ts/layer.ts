@@ -26,6 +26,8 @@ export interface ConvertLayerOptions {
   blockSize?: number;
   /** zstd compression threads; default one per CPU. The output does not depend on it. */
   workers?: number;
+  /** zstd level 1-22; default libsquashfs' 15 (as tar2sqfs and mksquashfs). Lower is much faster, a few % larger. */
+  level?: number;
 }
 
 export const DEFAULT_LAYER_LIMITS: Readonly<Required<LayerLimits>> = Object.freeze({
@@ -57,6 +59,7 @@ interface NativeLayerBinding {
       maxPathLength?: number;
       blockSize?: number;
       workers?: number;
+      level?: number;
     },
   ): Promise<LayerConversion>;
 }
@@ -106,6 +109,7 @@ export async function convertLayer(input: string, output: string, opts: ConvertL
   checkCount('limits.maxPathLength', limits.maxPathLength);
   checkCount('blockSize', opts.blockSize);
   checkCount('workers', opts.workers);
+  checkCount('level', opts.level);
   try {
     return await addon().convertLayer(input, output, {
       compression,
@@ -114,6 +118,7 @@ export async function convertLayer(input: string, output: string, opts: ConvertL
       maxPathLength: limits.maxPathLength,
       blockSize: opts.blockSize,
       workers: opts.workers,
+      level: opts.level,
     });
   } catch (e) {
     const n = e as NativeError;

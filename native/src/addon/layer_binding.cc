@@ -104,6 +104,7 @@ Napi::Value ConvertLayer(const Napi::CallbackInfo& info) {
       opts.limits.max_path_length = static_cast<uint32_t>(Count(env, o, "maxPathLength", opts.limits.max_path_length));
       opts.block_size = static_cast<uint32_t>(Count(env, o, "blockSize", opts.block_size));
       opts.workers = static_cast<unsigned>(Count(env, o, "workers", opts.workers));
+      opts.compression_level = static_cast<unsigned>(Count(env, o, "level", opts.compression_level));
     }
     auto* worker = new ConvertLayerWorker(env, info[0].As<Napi::String>().Utf8Value(),
                                           info[1].As<Napi::String>().Utf8Value(), opts);

@@ -428,7 +428,7 @@ LayerConversion ConvertLayer(const std::string& input, const std::string& output
   try {
     LayerStream stream(input, options.compression, options.limits.max_bytes);
     {
-      SquashfsWriter writer(tmp, options.block_size, options.workers);
+      SquashfsWriter writer(tmp, options.block_size, options.workers, options.compression_level);
       LayerConverter conv(input, options, writer);
       conv.Run(stream);
       stream.Drain();

@@ -22,6 +22,8 @@ struct LayerOptions {
   LayerCompression compression = LayerCompression::Auto;
   LayerLimits limits;
   uint32_t block_size = 128 * 1024;
+  // zstd level; 0 = libsquashfs' default (15, as tar2sqfs and mksquashfs).
+  unsigned compression_level = 0;
   // Compression workers; 0 = one per CPU. Output bytes do not depend on it.
   unsigned workers = 0;
   // fsync the image and its directory before returning, so a stored layer

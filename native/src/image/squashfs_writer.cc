@@ -51,16 +51,21 @@ void SquashfsWriter::Check(int rc, const std::string& what) {
   }
 }
 
-SquashfsWriter::SquashfsWriter(const std::string& path, uint32_t block_size, unsigned workers)
+SquashfsWriter::SquashfsWriter(const std::string& path, uint32_t block_size, unsigned workers, unsigned level)
     : path_(path), block_size_(block_size), super_(std::make_unique<sqfs_super_t>()) {
   if (block_size < SQFS_MIN_BLOCK_SIZE || block_size > SQFS_MAX_BLOCK_SIZE || (block_size & (block_size - 1)) != 0) {
     throw VmmError(ErrorKind::InvalidArgument, "write squashfs " + path,
                    "block size " + std::to_string(block_size) + " must be a power of two from 4096 to 1048576");
   }
+  if (level != 0 && (level < SQFS_ZSTD_MIN_LEVEL || level > SQFS_ZSTD_MAX_LEVEL)) {
+    throw VmmError(ErrorKind::InvalidArgument, "write squashfs " + path,
+                   "zstd level " + std::to_string(level) + " must be from 1 to 22");
+  }
   if (workers == 0) workers = std::max(1u, std::thread::hardware_concurrency());
   try {
     sqfs_compressor_config_t cfg;
     Check(sqfs_compressor_config_init(&cfg, SQFS_COMP_ZSTD, block_size, 0), "configure zstd");
+    if (level != 0) cfg.level = level;
     Check(sqfs_compressor_create(&cfg, &cmp_), "create zstd compressor");
     file_ = sqfs_open_file(path.c_str(), SQFS_FILE_OPEN_OVERWRITE);
     if (!file_) throw SysError(ErrorKind::Image, "create " + path);

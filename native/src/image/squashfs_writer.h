@@ -39,7 +39,7 @@ struct FsNode {
 
 class SquashfsWriter {
  public:
-  SquashfsWriter(const std::string& path, uint32_t block_size, unsigned workers);
+  SquashfsWriter(const std::string& path, uint32_t block_size, unsigned workers, unsigned level = 0);
   ~SquashfsWriter();
   SquashfsWriter(const SquashfsWriter&) = delete;
   SquashfsWriter& operator=(const SquashfsWriter&) = delete;
