@@ -16,7 +16,10 @@ import {
   pushBlob, pushManifest, sha256, getManifest, getBlob,
 } from '../helpers/registry';
 
-const FAST = { retryBaseMs: 5, timeoutMs: 400, retries: 2 };
+// Generous timeouts where the registry is meant to answer (CI machines are shared and busy);
+// short ones only where the test is about a registry that does not.
+const FAST = { retryBaseMs: 5, timeoutMs: 10_000, retries: 2 };
+const IMPATIENT = { ...FAST, timeoutMs: 1000 };
 
 function expectError(code: ImageErrorCode, text: RegExp): (e: unknown) => boolean {
   return (e) => {
@@ -106,7 +109,7 @@ describe('images: bad registries and bad content', function () {
 
   it('times out a registry that accepts the request and never answers', async function () {
     const ref = await via(() => true); // neither answers nor closes
-    const svc = new ImageService({ root, registry: FAST });
+    const svc = new ImageService({ root, registry: IMPATIENT });
     const t0 = Date.now();
     await assert.rejects(svc.pull(ref), expectError('TIMEOUT', /not answering/));
     assert.ok(Date.now() - t0 < 10_000);
@@ -122,7 +125,7 @@ describe('images: bad registries and bad content', function () {
       ctx.res.write(u.body.subarray(0, half)); // and then nothing more
       return true;
     });
-    const svc = new ImageService({ root, registry: { ...FAST, retries: 0 } });
+    const svc = new ImageService({ root, registry: { ...IMPATIENT, retries: 0 } });
     await assert.rejects(svc.pull(stalling), expectError('TIMEOUT', /blob|layer/));
     assert.equal(await svc.content.has(baseLayer.digest), false, 'a half blob is never visible');
     assert.deepEqual(await svc.list(), []);
