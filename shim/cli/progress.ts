@@ -49,7 +49,10 @@ export class PullProgressView {
     };
   }
 
+  /** Idempotent: a second stop would redraw the bars below the command's output. */
   stop(): void {
     this.multibar?.stop();
+    this.multibar = undefined;
+    this.bars.clear();
   }
 }
