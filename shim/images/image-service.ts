@@ -266,6 +266,22 @@ export class ImageService {
     }
   }
 
+  /**
+   * What a VM needs to run an image: its squashfs layers bottom to top (for overlayfs lowerdirs,
+   * topmost last) and the runtime config. Fails if a layer went missing from the store.
+   */
+  async rootfs(nameOrDigest: string): Promise<{ image: ImageRecord; layers: string[] }> {
+    const image = await this.get(nameOrDigest);
+    const layers: string[] = [];
+    for (const l of image.layers) {
+      if (!(await this.layers.has(l.diffId))) {
+        throw new ImageError('NOT_FOUND', `layer ${l.diffId} of ${image.reference} is missing from ${this.layers.dir}; pull the image again`);
+      }
+      layers.push(this.layers.path(l.diffId));
+    }
+    return { image, layers };
+  }
+
   layerPath(diffId: string): string {
     return this.layers.path(diffId);
   }

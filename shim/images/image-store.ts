@@ -1,10 +1,11 @@
 // Image store: reference → manifest digest → config, one JSON record per reference under
-// <root>/images. Records are written with temp + fsync + rename, so a reader sees the old
+// <root>/images, named by the SHA-256 of the reference (a reference may be far longer than a
+// file name may be, and may hold characters a file name should not). Records are written with temp + fsync + rename, so a reader sees the old
 // record or the new one, never a mix; two pulls of the same reference simply race to the
 // same content.
 import { promises as fsp } from 'node:fs';
 import { join } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { randomBytes, createHash } from 'node:crypto';
 import { ImageError } from './errors';
 import { Platform } from './platform';
 
@@ -49,7 +50,7 @@ export class ImageStore {
   }
 
   private file(reference: string): string {
-    return join(this.dir, `${encodeURIComponent(reference)}.json`);
+    return join(this.dir, `${createHash('sha256').update(reference).digest('hex')}.json`);
   }
 
   async put(record: ImageRecord): Promise<void> {
@@ -70,20 +71,24 @@ export class ImageStore {
     }
   }
 
-  async get(reference: string): Promise<ImageRecord | undefined> {
+  private async readRecord(path: string): Promise<ImageRecord | undefined> {
     try {
-      return JSON.parse(await fsp.readFile(this.file(reference), 'utf8')) as ImageRecord;
+      return JSON.parse(await fsp.readFile(path, 'utf8')) as ImageRecord;
     } catch (e) {
       if ((e as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
-      throw new ImageError('BAD_CONFIG', `image record ${this.file(reference)} is unreadable (${(e as Error).message}); remove it with vmlet rmi`);
+      throw new ImageError('BAD_CONFIG', `image record ${path} is unreadable (${(e as Error).message}); delete that file`);
     }
+  }
+
+  async get(reference: string): Promise<ImageRecord | undefined> {
+    return this.readRecord(this.file(reference));
   }
 
   async list(): Promise<ImageRecord[]> {
     const out: ImageRecord[] = [];
     for (const name of await fsp.readdir(this.dir).catch(() => [] as string[])) {
       if (!name.endsWith('.json') || name.startsWith('.')) continue;
-      const rec = await this.get(decodeURIComponent(name.slice(0, -'.json'.length)));
+      const rec = await this.readRecord(join(this.dir, name));
       if (rec) out.push(rec);
     }
     return out.sort((a, b) => a.reference.localeCompare(b.reference));

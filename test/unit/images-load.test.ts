@@ -70,6 +70,15 @@ describe('images: vmlet load', function () {
     assert.deepEqual(await svc.layers.list(), layersBefore, 'no new squashfs: same diff-ids');
   });
 
+  it('records a reference far longer than a file name may be', async function () {
+    const long = `localhost/${'a'.repeat(200)}/${'b'.repeat(200)}`;
+    const svc = new ImageService({ root });
+    const recs = await loadImages(svc, layoutDir, { name: long });
+    assert.ok(recs.some((r) => r.reference === `${long}:app`));
+    assert.equal((await svc.get(`${long}:app`)).layers.length, 2);
+    assert.equal((await svc.list()).length, 3);
+  });
+
   it('a path that is neither an OCI layout nor a tar is BAD_ARCHIVE', async function () {
     const svc = new ImageService({ root });
     const junk = join(work, 'junk.bin');

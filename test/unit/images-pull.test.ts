@@ -60,6 +60,10 @@ describe('images: pull from a real registry', function () {
     const top = await sh('unsquashfs', ['-lln', svc.layerPath(rec.layers[1].diffId)]);
     assert.match(top, /squashfs-root\/alpha\/f3/);
     assert.deepEqual((await svc.list()).map((r) => r.reference), [images.refs.alpha]);
+    // What `vmlet run` asks for: layers bottom to top, by reference or by digest prefix.
+    const fs = await svc.rootfs(rec.manifestDigest.slice(7, 19));
+    assert.deepEqual(fs.layers, rec.layers.map((l) => svc.layerPath(l.diffId)));
+    assert.equal(fs.image.reference, images.refs.alpha);
     assert.deepEqual(listFiles(join(root, 'ingest')).filter((f) => !f.endsWith('.lock')), [], 'no partial downloads left');
   });
 
