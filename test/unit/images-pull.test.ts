@@ -135,19 +135,21 @@ describe('images: pull from a real registry', function () {
 
   it('GC waits for a pull in progress instead of deleting what it has fetched', async function () {
     const svc = new ImageService({ root });
-    let gcDone = false;
-    let gcStartedDuringPull = false;
-    const pulling = svc.pull(images.refs.beta, {
+    let pullDone = false;
+    let gc: Promise<{ result: Awaited<ReturnType<ImageService['gc']>>; afterPull: boolean }> | undefined;
+    const rec = await svc.pull(images.refs.beta, {
       onProgress: (p) => {
-        if (p.kind === 'resolved' && !gcStartedDuringPull) {
-          gcStartedDuringPull = true;
-          void svc.gc().then(() => { gcDone = true; });
+        // A layer blob is in the content store but no image record refers to it yet.
+        if (p.kind === 'layer' && p.phase === 'converting' && gc === undefined) {
+          gc = svc.gc().then((result) => ({ result, afterPull: pullDone }));
         }
       },
     });
-    const rec = await pulling;
-    assert.ok(gcStartedDuringPull);
-    while (!gcDone) await new Promise((r) => setTimeout(r, 10));
+    pullDone = true;
+    assert.ok(gc, 'GC was started during the pull');
+    const { result, afterPull } = await gc;
+    assert.equal(afterPull, true, 'GC finished only after the pull');
+    assert.deepEqual(result, { blobs: [], layers: [] });
     for (const l of rec.layers) assert.ok(existsSync(svc.layerPath(l.diffId)), 'layer survived the concurrent GC');
     assert.ok(await svc.content.has(rec.configDigest));
   });
