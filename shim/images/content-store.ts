@@ -170,8 +170,10 @@ export class ContentStore {
       let truncation: ImageError | undefined;
       for (let attempt = 0; ; attempt++) {
         if (have === desc.size) break;
+        // The opener (registry client) retries its own requests; retrying its final failure
+        // here too would multiply the attempts. Only a stream that breaks after opening is ours.
+        const { stream, offset } = await open(have);
         try {
-          const { stream, offset } = await open(have);
           if (offset !== have) {
             if (offset !== 0) {
               stream.destroy();
