@@ -116,6 +116,15 @@ describe('images: bad registries and bad content', function () {
     assertNothingStored(svc);
   });
 
+  it('a blob request that never gets an answer is tried retries+1 times in all, then TIMEOUT', async function () {
+    const ref = await via((ctx) => isBlob(ctx, baseLayer.digest)); // swallow those requests
+    const svc = new ImageService({ root, registry: { ...IMPATIENT, retries: 1 } });
+    await assert.rejects(svc.pull(ref), expectError('TIMEOUT', new RegExp(`blob ${baseLayer.digest}.*after 2 attempt`)));
+    assert.equal(proxy!.seen.filter((s) => s.path.endsWith(baseLayer.digest)).length, 2);
+    assert.equal(await svc.content.has(baseLayer.digest), false);
+    assert.deepEqual(await svc.list(), []);
+  });
+
   it('a blob that stalls mid-body times out; the partial download is kept and the next pull resumes it with Range', async function () {
     const half = Math.floor(baseLayer.size / 2);
     const stalling = await via(async (ctx) => {
