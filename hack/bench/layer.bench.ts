@@ -3,15 +3,16 @@
 // `tar2sqfs` (squashfs-tools-ng) fed the same blob, and `mksquashfs` (squashfs-tools) run on the
 // extracted tree. Same compressor (zstd at each tool's default level: libsquashfs' and
 // mksquashfs' defaults are both 15), same 128 KiB block size, as many compressor threads as CPUs.
-// Reports medians over the runs: seconds, MB/s of uncompressed tar input, output size, and the
-// ratios against tar2sqfs from the same run of this program.
+// Reports medians over the runs: seconds, MB/s of uncompressed tar input, CPU seconds (user +
+// system, all threads: steadier than wall time on a shared machine), output size, and the ratios
+// against tar2sqfs from the same run of this program.
 //
 //   node dist/hack/bench/layer.bench.js [--runs N] [--mb SIZE] [--input gzip|tar|both]
 //
 // Not a test: numbers are printed, never asserted.
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
-import { closeSync, mkdirSync, mkdtempSync, openSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -67,23 +68,36 @@ function generateTree(root: string, totalMb: number): number {
   return i + j;
 }
 
-function timed(fn: () => void): number {
-  const t = process.hrtime.bigint();
-  fn();
-  return Number(process.hrtime.bigint() - t) / 1e9;
+interface Timing {
+  wall: number;
+  cpu: number;
 }
 
-async function timedAsync(fn: () => Promise<unknown>): Promise<number> {
+/** Runs a peer under GNU time(1), which reports the CPU its threads used. */
+function timedProcess(cmd: string, args: string[], stdin: number | 'ignore', cpuFile: string): Timing {
   const t = process.hrtime.bigint();
+  const r = spawnSync('/usr/bin/time', ['-f', '%U %S', '-o', cpuFile, cmd, ...args], { stdio: [stdin, 'ignore', 'inherit'] });
+  const wall = Number(process.hrtime.bigint() - t) / 1e9;
+  if (r.status !== 0) throw new Error(`${cmd} failed (${r.status})`);
+  const [u, sys] = readFileSync(cpuFile, 'utf8').trim().split(/\s+/).map(Number);
+  return { wall, cpu: u + sys };
+}
+
+/** Our converter runs in this process (on libuv and libsquashfs threads), so this process's CPU is its CPU. */
+async function timedInProcess(fn: () => Promise<unknown>): Promise<Timing> {
+  const t = process.hrtime.bigint();
+  const c = process.cpuUsage();
   await fn();
-  return Number(process.hrtime.bigint() - t) / 1e9;
+  const d = process.cpuUsage(c);
+  return { wall: Number(process.hrtime.bigint() - t) / 1e9, cpu: (d.user + d.system) / 1e6 };
 }
 
 interface Side {
   name: string;
   input: string;
-  run: (out: string) => Promise<number>;
+  run: (out: string) => Promise<Timing>;
   seconds: number[];
+  cpu: number[];
   bytes: number[];
 }
 
@@ -114,40 +128,40 @@ export async function benchLayer(runs: number, totalMb: number, inputs: ('gzip' 
         `; zstd, block ${BLOCK}, ${jobs} compressor threads; ${runs} runs, medians`,
     );
 
-    const tar2sqfs = (blob: string) => async (out: string): Promise<number> =>
-      timed(() => {
-        const fd = openSync(blob, 'r');
-        try {
-          const r = spawnSync('tar2sqfs', ['-q', '-f', '-c', 'zstd', '-b', String(BLOCK), '-j', String(jobs), out], {
-            stdio: [fd, 'ignore', 'inherit'],
-          });
-          if (r.status !== 0) throw new Error(`tar2sqfs failed (${r.status})`);
-        } finally {
-          closeSync(fd);
-        }
-      });
+    const cpuFile = join(work, 'cpu.txt');
+    const tar2sqfs = (blob: string) => async (out: string): Promise<Timing> => {
+      const fd = openSync(blob, 'r');
+      try {
+        return timedProcess('tar2sqfs', ['-q', '-f', '-c', 'zstd', '-b', String(BLOCK), '-j', String(jobs), out], fd, cpuFile);
+      } finally {
+        closeSync(fd);
+      }
+    };
     const sides: Side[] = [];
     for (const input of inputs) {
       const blob = input === 'gzip' ? gz : tar;
       sides.push({
         name: 'vmlet convertLayer',
         input,
-        run: (out) => timedAsync(() => convertLayer(blob, out, { blockSize: BLOCK, workers: jobs })),
+        run: (out) => timedInProcess(() => convertLayer(blob, out, { blockSize: BLOCK, workers: jobs })),
         seconds: [],
+        cpu: [],
         bytes: [],
       });
-      sides.push({ name: 'tar2sqfs', input, run: tar2sqfs(blob), seconds: [], bytes: [] });
+      sides.push({ name: 'tar2sqfs', input, run: tar2sqfs(blob), seconds: [], cpu: [], bytes: [] });
     }
     sides.push({
       name: 'mksquashfs (tree)',
       input: 'files',
       run: async (out) =>
-        timed(() => {
-          execFileSync('mksquashfs', [tree, out, '-comp', 'zstd', '-b', String(BLOCK), '-noappend', '-quiet', '-no-progress', '-processors', String(jobs)], {
-            stdio: ['ignore', 'ignore', 'inherit'],
-          });
-        }),
+        timedProcess(
+          'mksquashfs',
+          [tree, out, '-comp', 'zstd', '-b', String(BLOCK), '-noappend', '-quiet', '-no-progress', '-processors', String(jobs)],
+          'ignore',
+          cpuFile,
+        ),
       seconds: [],
+      cpu: [],
       bytes: [],
     });
 
@@ -157,26 +171,30 @@ export async function benchLayer(runs: number, totalMb: number, inputs: ('gzip' 
       for (const side of order) {
         const out = join(work, 'out.sqfs');
         rmSync(out, { force: true });
-        side.seconds.push(await side.run(out));
+        const t = await side.run(out);
+        side.seconds.push(t.wall);
+        side.cpu.push(t.cpu);
         side.bytes.push(statSync(out).size);
         rmSync(out, { force: true });
-        console.log(`  run ${r + 1}: ${side.name} (${side.input}) ${side.seconds.at(-1)!.toFixed(2)} s`);
+        console.log(`  run ${r + 1}: ${side.name} (${side.input}) ${t.wall.toFixed(2)} s, CPU ${t.cpu.toFixed(2)} s`);
       }
     }
 
-    console.log('\ntool                 input  median s   input MB/s   output bytes   vs tar2sqfs (same input)');
+    console.log('\ntool                 input  median s   input MB/s   CPU s   output bytes   vs tar2sqfs (same input)');
     for (const side of sides) {
       const s = median(side.seconds);
+      const cpu = median(side.cpu);
       const size = median(side.bytes);
       const peer = sides.find((p) => p.name === 'tar2sqfs' && (p.input === side.input || (side.input === 'files' && p.input === inputs[0])));
       let vs = '';
       if (peer && peer !== side) {
         const ps = median(peer.seconds);
         const pb = median(peer.bytes);
-        vs = `throughput x${(ps / s).toFixed(2)}, size ${(((size - pb) / pb) * 100).toFixed(2)} %`;
+        const pc = median(peer.cpu);
+        vs = `throughput x${(ps / s).toFixed(2)}, CPU x${(cpu / pc).toFixed(2)}, size ${(((size - pb) / pb) * 100).toFixed(2)} %`;
       }
       console.log(
-        `${side.name.padEnd(20)} ${side.input.padEnd(6)} ${s.toFixed(2).padStart(8)} ${(tarBytes / 1e6 / s).toFixed(1).padStart(12)} ${String(size).padStart(14)}   ${vs}`,
+        `${side.name.padEnd(20)} ${side.input.padEnd(6)} ${s.toFixed(2).padStart(8)} ${(tarBytes / 1e6 / s).toFixed(1).padStart(12)} ${cpu.toFixed(1).padStart(7)} ${String(size).padStart(14)}   ${vs}`,
       );
     }
   } finally {
