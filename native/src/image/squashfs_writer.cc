@@ -78,9 +78,9 @@ SquashfsWriter::SquashfsWriter(const std::string& path, uint32_t block_size, uns
     blkwr_ = sqfs_block_writer_create(file_, SQFS_DEVBLK_SIZE, 0);
     frag_ = sqfs_frag_table_create(0);
     if (!blkwr_ || !frag_) Check(SQFS_ERROR_ALLOC, "create block writer");
-    // Backlog of a few blocks per worker: enough to keep them busy, small
-    // enough that a layer's memory use does not grow with its size.
-    proc_ = sqfs_block_processor_create(block_size, cmp_, workers, workers * 8, blkwr_, frag_);
+    // Ten blocks in flight per worker (tar2sqfs' default): enough to keep
+    // them busy, small enough that memory use does not grow with the layer.
+    proc_ = sqfs_block_processor_create(block_size, cmp_, workers, workers * 10, blkwr_, frag_);
     if (!proc_) Check(SQFS_ERROR_ALLOC, "create block processor");
     ids_ = sqfs_id_table_create(0);
     xwr_ = sqfs_xattr_writer_create(0);
