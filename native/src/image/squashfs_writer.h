@@ -75,6 +75,8 @@ class SquashfsWriter {
   sqfs_meta_writer_t* im_ = nullptr;
   sqfs_meta_writer_t* dm_ = nullptr;
   sqfs_dir_writer_t* dirwr_ = nullptr;
+  bool in_file_ = false;
+  bool finished_ = false;
   std::vector<std::shared_ptr<FsNode>> files_;
   std::vector<uint8_t> zeros_;
   std::unique_ptr<sqfs_super_t> super_;
