@@ -165,6 +165,7 @@ describe('layer -> squashfs: bad input', function () {
     const err = await refused(join(dir, 'no-such-blob'), /open layer .*no-such-blob.*No such file/);
     assert.equal(err.code, 'ENOENT');
     await refused(layerOf(good), /block size 1000 must be a power of two/, { blockSize: 1000 });
+    await refused(layerOf(good), /zstd level 30 must be from 1 to 22/, { level: 30 });
     await assert.rejects(convertLayer(layerOf(good), join(dir, 'x.sqfs'), { compression: 'lz4' as 'gzip' }), /compression must be one of/);
     await assert.rejects(convertLayer(layerOf(good), join(dir, 'x.sqfs'), { limits: { maxEntries: -1 } }), /maxEntries must be a non-negative integer/);
   });

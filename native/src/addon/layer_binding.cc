@@ -72,7 +72,7 @@ class ConvertLayerWorker : public Napi::AsyncWorker {
   int errno_ = 0;
 };
 
-uint64_t Count(Napi::Env env, const Napi::Object& o, const char* key, uint64_t fallback) {
+uint64_t Count(const Napi::Object& o, const char* key, uint64_t fallback) {
   Napi::Value v = o.Get(key);
   if (v.IsUndefined()) return fallback;
   if (!v.IsNumber()) throw VmmError(ErrorKind::InvalidArgument, std::string("convertLayer option ") + key, "must be a number");
@@ -81,7 +81,6 @@ uint64_t Count(Napi::Env env, const Napi::Object& o, const char* key, uint64_t f
     throw VmmError(ErrorKind::InvalidArgument, std::string("convertLayer option ") + key,
                    "must be a non-negative integer, got " + v.ToString().Utf8Value());
   }
-  (void)env;
   return static_cast<uint64_t>(d);
 }
 
@@ -99,12 +98,12 @@ Napi::Value ConvertLayer(const Napi::CallbackInfo& info) {
         if (!c.IsString()) throw VmmError(ErrorKind::InvalidArgument, "convertLayer option compression", "must be a string");
         opts.compression = image::ParseLayerCompression(c.As<Napi::String>().Utf8Value());
       }
-      opts.limits.max_bytes = Count(env, o, "maxBytes", opts.limits.max_bytes);
-      opts.limits.max_entries = Count(env, o, "maxEntries", opts.limits.max_entries);
-      opts.limits.max_path_length = static_cast<uint32_t>(Count(env, o, "maxPathLength", opts.limits.max_path_length));
-      opts.block_size = static_cast<uint32_t>(Count(env, o, "blockSize", opts.block_size));
-      opts.workers = static_cast<unsigned>(Count(env, o, "workers", opts.workers));
-      opts.compression_level = static_cast<unsigned>(Count(env, o, "level", opts.compression_level));
+      opts.limits.max_bytes = Count(o, "maxBytes", opts.limits.max_bytes);
+      opts.limits.max_entries = Count(o, "maxEntries", opts.limits.max_entries);
+      opts.limits.max_path_length = static_cast<uint32_t>(Count(o, "maxPathLength", opts.limits.max_path_length));
+      opts.block_size = static_cast<uint32_t>(Count(o, "blockSize", opts.block_size));
+      opts.workers = static_cast<unsigned>(Count(o, "workers", opts.workers));
+      opts.compression_level = static_cast<unsigned>(Count(o, "level", opts.compression_level));
     }
     auto* worker = new ConvertLayerWorker(env, info[0].As<Napi::String>().Utf8Value(),
                                           info[1].As<Napi::String>().Utf8Value(), opts);

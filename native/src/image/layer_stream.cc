@@ -102,7 +102,7 @@ class GzipDecoder : public Decoder {
       if (member_done_) {
         // Concatenated gzip members are one stream (RFC 1952 2.2); anything
         // after the last member must itself be a member.
-        if (!in_.Fill()) { finished_ = true; break; }
+        if (!in_.Fill()) break;
         inflateReset(&z_);
         member_done_ = false;
       }
@@ -129,7 +129,6 @@ class GzipDecoder : public Decoder {
   const std::string& path_;
   z_stream z_;
   bool member_done_ = false;
-  bool finished_ = false;
 };
 
 class ZstdDecoder : public Decoder {
