@@ -1,0 +1,9 @@
+// Every `vmlet` subcommand, in help order. A new command is one file plus one line here.
+import type { Command } from '../command';
+import { pull } from './pull';
+import { images } from './images';
+import { rmi } from './rmi';
+import { load } from './load';
+import { gc } from './gc';
+
+export const commands: Command[] = [pull, images, rmi, load, gc];
