@@ -3,7 +3,7 @@
 import { strict as assert } from 'node:assert';
 import { execFileSync } from 'node:child_process';
 import { statSync, writeFileSync, readdirSync } from 'node:fs';
-import { Vm, VmConfig, BootError, DeviceError, KvmError, VmmError, addonPath } from '../../native/ts/vmm';
+import { Vm, VmConfig, BootError, DeviceError, InvalidArgumentError, KvmError, VmmError, addonPath } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import { asm, writeImage } from './vm-images';
 import { Scratch } from './vm-helpers';
@@ -83,5 +83,12 @@ describe('vm creation errors on /dev/kvm', function () {
     assert.equal(result.name, KvmError.name);
     assert.equal(result.code, 'EACCES');
     assert.match(result.message, /\/dev\/kvm is not accessible: add the user to the kvm group/);
+  });
+
+  it('more virtio devices than the IOAPIC has pins for', async () => {
+    const disk = scratch.path('disk.img');
+    writeFileSync(disk, Buffer.alloc(4096));
+    const disks = Array.from({ length: 20 }, () => ({ path: disk, readOnly: true }));
+    await rejects(config({ disks }), InvalidArgumentError, /more than 19 virtio devices: GSIs 5\.\.23 are all taken/);
   });
 });

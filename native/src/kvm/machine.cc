@@ -21,20 +21,9 @@
 #include "devices/serial.h"
 #include "virtio/device.h"
 
-// The virtio devices are written alongside the core; they are wired in as
-// soon as their headers exist, and until then asking for one is a clear error.
-#if __has_include("virtio/mmio.h")
-#include "virtio/mmio.h"
-#define VMLET_HAVE_VIRTIO_MMIO 1
-#endif
-#if defined(VMLET_HAVE_VIRTIO_MMIO) && __has_include("devices/blk.h")
 #include "devices/blk.h"
-#define VMLET_HAVE_VIRTIO_BLK 1
-#endif
-#if defined(VMLET_HAVE_VIRTIO_MMIO) && __has_include("devices/vsock.h")
 #include "devices/vsock.h"
-#define VMLET_HAVE_VIRTIO_VSOCK 1
-#endif
+#include "virtio/mmio.h"
 
 namespace vmlet::kvm {
 
@@ -225,9 +214,14 @@ void Machine::Build(const MachineConfig& config) {
   cmdline_ = config.boot.cmdline;
   uint32_t slot_index = 0;
   auto add_virtio = [&](std::shared_ptr<virtio::VirtioDevice> dev) {
-#ifdef VMLET_HAVE_VIRTIO_MMIO
     uint64_t base = boot::kVirtioMmioBase + slot_index * boot::kVirtioMmioStride;
     uint32_t gsi = boot::kVirtioFirstGsi + slot_index;
+    // KVM's default routing reaches IOAPIC pins 0..23 only: a GSI beyond
+    // would take an irqfd whose interrupts go nowhere.
+    if (gsi >= boot::kIoapicPins)
+      throw VmmError(ErrorKind::InvalidArgument, "create VM",
+                     "more than " + std::to_string(boot::kIoapicPins - boot::kVirtioFirstGsi) +
+                         " virtio devices: GSIs 5..23 are all taken; use fewer disks");
     auto transport = std::make_shared<MmioTransport>(dev, mem_.get(), std::make_shared<IrqFdLine>(vm_fd_, gsi));
     if (!mmio_.Insert(base, MmioTransport::kWindowSize, transport))
       throw VmmError(ErrorKind::Device, "insert virtio-mmio device", "window " + Hex(base) + " overlaps another");
@@ -237,33 +231,19 @@ void Machine::Build(const MachineConfig& config) {
     if (!cmdline_.empty()) cmdline_ += ' ';
     cmdline_ += entry;
     slot_index++;
-#else
-    (void)dev;
-#endif
   };
-  (void)add_virtio;
-  if (!config.disks.empty()) {
-#ifdef VMLET_HAVE_VIRTIO_BLK
-    for (auto& d : config.disks) {
-      BlkConfig bc;
-      bc.path = d.path;
-      bc.read_only = d.read_only;
-      bc.id = d.id;
-      add_virtio(MakeVirtioBlk(bc));
-    }
-#else
-    throw VmmError(ErrorKind::Device, "create VM", "UNIMPLEMENTED: virtio-blk is not built into this addon yet");
-#endif
+  for (auto& d : config.disks) {
+    BlkConfig bc;
+    bc.path = d.path;
+    bc.read_only = d.read_only;
+    bc.id = d.id;
+    add_virtio(MakeVirtioBlk(bc));
   }
   if (config.vsock) {
-#ifdef VMLET_HAVE_VIRTIO_VSOCK
     VsockConfig vc;
     vc.guest_cid = config.vsock->guest_cid;
     vc.uds_path = config.vsock->uds_path;
     add_virtio(MakeVirtioVsock(vc));
-#else
-    throw VmmError(ErrorKind::Device, "create VM", "UNIMPLEMENTED: virtio-vsock is not built into this addon yet");
-#endif
   }
 
   boot::BootSpec spec = config.boot;
