@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { Readable } from 'node:stream';
 import { randomBytes } from 'node:crypto';
 import { Vm, VmConfig, VmExit } from '../../native/ts/vmm';
-import { crc32, parseTg, qemuDebugExitCode, qemuMicrovmArgs, requireTestguest, TgOutput } from '../../test/helpers/testguest';
+import { crc32, parseTg, qemuDebugExitCode, qemuMicrovmArgs, requireTestguest, TgOutput } from '../../native/ts/testguest';
 
 const RUNS = Number(process.env.VMLET_BENCH_RUNS ?? 10);
 const MMIO_READS = 50_000;

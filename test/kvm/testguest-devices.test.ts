@@ -3,29 +3,15 @@
 // file, a read-only disk refusing writes, vsock streams both ways byte-exact,
 // the interrupt path, the serial log and the exit code.
 import { strict as assert } from 'node:assert';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { createServer, Socket } from 'node:net';
 import { join } from 'node:path';
 import { Vm, VmConfig, VmExit } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import {
-  all, connectToGuest, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, StreamResult, TgOutput,
-} from '../helpers/testguest';
-
-/** Polls the serial log until a line matches (the guest announces readiness there). */
-async function waitForSerial(path: string, re: RegExp, vm: Vm, timeoutMs: number): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  let exited = false;
-  vm.wait().then(() => (exited = true), () => (exited = true));
-  for (;;) {
-    const text = existsSync(path) ? readFileSync(path, 'latin1') : '';
-    if (re.test(text)) return;
-    if (exited) throw new Error(`the VM exited before printing ${re}; serial:\n${text}`);
-    if (Date.now() > deadline) throw new Error(`no ${re} on the serial log after ${timeoutMs} ms; serial:\n${text}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
+  all, connectToGuest, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, StreamResult, TgOutput, waitForSerialLine,
+} from '../../native/ts/testguest';
 
 /** Rejects with `what` after ms: a host stream the guest never opened must fail the test, not hang it. */
 function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
@@ -92,7 +78,7 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
     try {
       vm = await Vm.create(cfg);
       vm.start();
-      await waitForSerial(cfg.serialLog, /^TG vsock .*ready=1$/m, vm, 60_000);
+      await waitForSerialLine(cfg.serialLog, /^TG vsock .*ready=1$/m, vm.wait(), 60_000);
       const hostConnect = connectToGuest(uds, listen, bytes, seed);
       const { exit, out } = await runToExit(vm, cfg.serialLog, 150_000);
       const [g, h] = await hostStreams(guestConnect.result, hostConnect, out, `host vsock ends (VM exit ${JSON.stringify(exit)})`);
@@ -165,7 +151,7 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       try {
         vm = await Vm.create(cfg);
         vm.start();
-        await waitForSerial(cfg.serialLog, /^TG vsock .*ready=1$/m, vm, 60_000);
+        await waitForSerialLine(cfg.serialLog, /^TG vsock .*ready=1$/m, vm.wait(), 60_000);
         const hostConnect = connectToGuest(uds, listen, bytes, seed);
         const { exit, out } = await runToExit(vm, cfg.serialLog, 150_000);
         const [g, h] = await hostStreams(guestConnect.result, hostConnect, out, `guest ${i} host vsock ends`);

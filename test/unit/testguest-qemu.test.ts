@@ -6,7 +6,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { crc32hex, one, parseTg, pattern, qemuDebugExitCode, qemuMicrovmArgs, randomDisk, requireTestguest, TgOutput } from '../helpers/testguest';
+import { crc32hex, one, parseTg, pattern, qemuDebugExitCode, qemuMicrovmArgs, randomDisk, requireTestguest, TgOutput } from '../../native/ts/testguest';
 
 const QEMU = 'qemu-system-x86_64';
 

@@ -1,9 +1,9 @@
 // The test guest (native/testguest) from the host side: where its binary is,
 // its output protocol ("TG <check> key=value ..." lines, see
 // native/testguest/README.md), the seeded byte pattern it writes and expects,
-// and the host ends of its vsock streams. Used by the testguest tests and by
-// hack/bench/vmm.bench.ts; nothing here talks to a VMM.
-import { existsSync, writeFileSync } from 'node:fs';
+// and the host ends of its vsock streams. Used by `vmlet check`, the testguest
+// tests and hack/bench/vmm.bench.ts; nothing here talks to a VMM.
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { crc32 as zlibCrc32 } from 'node:zlib';
 import { createConnection, createServer, Server, Socket } from 'node:net';
@@ -278,4 +278,21 @@ export function qemuMicrovmArgs(opts: {
     args.push('-device', `virtio-blk-device,drive=d${i}${d.id ? `,serial=${d.id}` : ''}`);
   });
   return args;
+}
+
+/**
+ * Polls the serial log (a file the VMM appends to) until a line matches: the
+ * guest announces readiness there. Fails at once if the VM stops first.
+ */
+export async function waitForSerialLine(path: string, re: RegExp, stopped: Promise<unknown>, timeoutMs: number): Promise<void> {
+  let exited = false;
+  stopped.then(() => (exited = true), () => (exited = true));
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const text = existsSync(path) ? readFileSync(path, 'latin1') : '';
+    if (re.test(text)) return;
+    if (exited) throw new Error(`the VM exited before printing ${re}; serial:\n${text}`);
+    if (Date.now() > deadline) throw new Error(`no ${re} on the serial log after ${timeoutMs} ms; serial:\n${text}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
 }
