@@ -5,5 +5,6 @@ import { images } from './images';
 import { rmi } from './rmi';
 import { load } from './load';
 import { gc } from './gc';
+import { check } from './check';
 
-export const commands: Command[] = [pull, images, rmi, load, gc];
+export const commands: Command[] = [pull, images, rmi, load, gc, check];
