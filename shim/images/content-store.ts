@@ -11,6 +11,7 @@ import { Readable } from 'node:stream';
 import { ImageError, isImageError } from './errors';
 import { parseDigest, newHasher, digestOf } from './digest';
 import { withFileLock } from './lock';
+import { unlinkIfExists } from './fs';
 
 export interface Descriptor {
   mediaType: string;
@@ -253,13 +254,7 @@ export class ContentStore {
   }
 
   async delete(digest: string): Promise<boolean> {
-    try {
-      await fsp.unlink(this.path(digest));
-      return true;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
-      throw e;
-    }
+    return unlinkIfExists(this.path(digest));
   }
 
   /** Removes partial downloads; only safe while no pull runs (GC holds the GC lock). */

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { randomBytes, createHash } from 'node:crypto';
 import { ImageError } from './errors';
 import { Platform } from './platform';
+import { unlinkIfExists } from './fs';
 
 export interface ImageLayer {
   /** digest of the (compressed) blob in the content store */
@@ -95,13 +96,7 @@ export class ImageStore {
   }
 
   async remove(reference: string): Promise<boolean> {
-    try {
-      await fsp.unlink(this.file(reference));
-      return true;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
-      throw e;
-    }
+    return unlinkIfExists(this.file(reference));
   }
 
   /** A reference, or a manifest digest (or a unique prefix of its hex of ≥ 12 characters). */

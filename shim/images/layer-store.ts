@@ -12,6 +12,7 @@ import { parseDigest } from './digest';
 import { withFileLock } from './lock';
 import { layerCompression } from './mediatypes';
 import type { Descriptor } from './content-store';
+import { unlinkIfExists } from './fs';
 
 export interface LayerConversionResult {
   diffId: string;
@@ -99,13 +100,7 @@ export class LayerStore {
   }
 
   async delete(diffId: string): Promise<boolean> {
-    try {
-      await fsp.unlink(this.path(diffId));
-      return true;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code === 'ENOENT') return false;
-      throw e;
-    }
+    return unlinkIfExists(this.path(diffId));
   }
 
   /** Leftovers of conversions that died with their process; only safe under the GC lock. */
