@@ -1,7 +1,7 @@
 // Layer blob -> squashfs: the typed face of the addon's converter
 // (native/src/image). Callers (the image store, `vmlet pull`/`load`) hand it
 // a blob path and get the diff-id computed on the way, so a layer is read once.
-import { join } from 'node:path';
+import { loadAddon } from './addon';
 
 export type LayerCompression = 'gzip' | 'zstd' | 'none' | 'auto'; // auto: sniff magic bytes
 
@@ -71,19 +71,8 @@ interface NativeError {
   code?: string;
 }
 
-let binding: NativeLayerBinding | undefined;
-
 function addon(): NativeLayerBinding {
-  if (!binding) {
-    // dist/native/ts/layer.js -> native/build/Release/vmlet.node at the repository root.
-    const path = join(__dirname, '..', '..', '..', 'native', 'build', 'Release', 'vmlet.node');
-    try {
-      binding = require(path) as NativeLayerBinding;
-    } catch (e) {
-      throw new ImageError(`the vmlet native addon could not be loaded from ${path}: ${(e as Error).message}; run npm run build`);
-    }
-  }
-  return binding;
+  return loadAddon<NativeLayerBinding>((message) => new ImageError(message));
 }
 
 const COMPRESSIONS: readonly LayerCompression[] = ['gzip', 'zstd', 'none', 'auto'];

@@ -4,7 +4,7 @@
 // Lifetime: a Vm's resources (vCPU threads, KVM fds, guest RAM) are freed when
 // it exits or is killed, never by the garbage collector; a running VM keeps
 // the Node process alive like a child process does. Always kill() or wait().
-import { join } from 'node:path';
+import { addonPath, loadAddon } from './addon';
 
 export interface DiskConfig {
   path: string;
@@ -102,19 +102,10 @@ interface NativeAddon {
   defaultKvmDevice(): string;
 }
 
-let addon: NativeAddon | undefined;
-/** The built addon: this file runs from dist/native/ts/, the addon sits in native/build/Release/. */
-export const addonPath = join(__dirname, '..', '..', '..', 'native', 'build', 'Release', 'vmlet.node');
+export { addonPath };
 
 function native(): NativeAddon {
-  if (!addon) {
-    try {
-      addon = require(addonPath) as NativeAddon;
-    } catch (e) {
-      throw new VmmError(`cannot load the vmlet addon at ${addonPath}: run npm run build:native (${(e as Error).message})`);
-    }
-  }
-  return addon;
+  return loadAddon<NativeAddon>((message) => new VmmError(message));
 }
 
 function validate(config: VmConfig): void {
