@@ -81,6 +81,30 @@ export function buildBusyboxInitramfs(dir: string, body: string): string {
   }
 }
 
+/** The static agent built by `make -C native/guest` (npm run build:agent). */
+export const agentBinary = join(repoRoot(), 'native', 'guest', 'build', 'vmlet-agent');
+
+/**
+ * Writes `<dir>/agent-initramfs.cpio.gz`: the agent as /init (PID 1, listening on
+ * vsock port 1024) and a static busybox in /bin for the commands run through it.
+ */
+export function buildAgentInitramfs(dir: string, agent = agentBinary): string {
+  if (!existsSync(agent)) throw new Error(`${agent} is missing: run npm run build:agent (make -C native/guest)`);
+  const root = mkdtempSync(join(tmpdir(), 'vmlet-agent-initramfs-'));
+  try {
+    for (const d of ['bin', 'dev', 'proc', 'sys', 'tmp', 'run']) mkdirSync(join(root, d));
+    copyFileSync(busyboxStatic(), join(root, 'bin', 'busybox'));
+    chmodSync(join(root, 'bin', 'busybox'), 0o755);
+    copyFileSync(agent, join(root, 'init'));
+    chmodSync(join(root, 'init'), 0o755);
+    const out = join(dir, 'agent-initramfs.cpio.gz');
+    execFileSync('sh', ['-c', `cd "${root}" && find . | cpio -o -H newc --quiet -R 0:0 | gzip -1 > "${out}"`]);
+    return out;
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+}
+
 /**
  * The command line the tests and the benchmark boot with. reboot=k: a guest reboot
  * goes straight to the i8042 reset our VMM reports as 'reset'; panic=-1 turns a panic

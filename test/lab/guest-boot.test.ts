@@ -6,13 +6,14 @@
 // controllers, the namespaces, seccomp, the virtio drivers, kvm-clock.
 import { strict as assert } from 'node:assert';
 import { execFileSync } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Vm, VmConfig, VmExit } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
-import { buildBusyboxInitramfs, DONE_MARKER, findGuestKernel, GuestKernel, guestCmdline, INIT_MARKER } from '../helpers/guest-kernel';
+import { AgentClient } from '../../shim/agent/client';
+import { agentBinary, buildAgentInitramfs, buildBusyboxInitramfs, DONE_MARKER, findGuestKernel, GuestKernel, guestCmdline, INIT_MARKER } from '../helpers/guest-kernel';
 
 const BOOT_TIMEOUT_MS = 120_000;
 
@@ -177,5 +178,53 @@ describe('guest kernel booted by our VMM (inside hack/kvm-lab)', function () {
     assert.ok(serial.includes(DONE_MARKER), `/init ran to its end; serial log:\n${serial}`);
     assert.match(field(serial, 'UNAME'), /^6\.1\.\S+-vmlet$/);
     assert.equal(exit.reason, 'reset', `exit ${JSON.stringify(exit, bigintJson)}`);
+  });
+
+  it('boots with vmlet-agent as PID 1, which answers HELLO and runs a command over vsock', async function () {
+    if (!kernel) this.skip();
+    if (!existsSync(agentBinary)) {
+      console.log(`      !!! SKIPPED (the agent is not built): ${agentBinary} is missing: run npm run build:agent`);
+      this.skip();
+    }
+    const udsPath = join(work, 'agent.vsock');
+    const serialLog = join(work, 'agent.serial');
+    const vm = await Vm.create({
+      kernel: kernel.vmlinux,
+      initrd: buildAgentInitramfs(work),
+      cmdline: guestCmdline(),
+      memoryMiB: 256,
+      cpus: 1,
+      serialLog,
+      vsock: { cid: 3, udsPath },
+    });
+    vm.start();
+    const t0 = Date.now();
+    let client: AgentClient | undefined;
+    try {
+      // Until the guest's agent listens, the hybrid vsock refuses CONNECT: retry.
+      let lastError: Error | undefined;
+      while (!client && Date.now() - t0 < BOOT_TIMEOUT_MS) {
+        try {
+          client = await AgentClient.connectHybridVsock(udsPath);
+        } catch (e) {
+          lastError = e as Error;
+          await new Promise((r) => setTimeout(r, 250));
+        }
+      }
+      if (!client) assert.fail(`no agent on vsock port 1024 within ${BOOT_TIMEOUT_MS} ms (last: ${lastError?.message}); serial log:\n${readFileSync(serialLog, 'latin1')}`);
+      console.log(`      agent ready over vsock ${Date.now() - t0} ms after start (agent ${client.hello?.agentVersion})`);
+      assert.equal(client.hello?.initMode, true, 'the agent runs as PID 1 of the guest');
+      const p = await client.exec({ args: ['/bin/busybox', 'uname', '-r'], env: ['PATH=/bin'] });
+      const chunks: Buffer[] = [];
+      p.stdout.on('data', (d: Buffer) => chunks.push(d));
+      const ended = new Promise((r) => p.stdout.on('end', r));
+      const status = await p.wait();
+      await ended;
+      assert.deepEqual(status, { code: 0, signal: null });
+      assert.match(Buffer.concat(chunks).toString('utf8'), /^6\.1\.\S+-vmlet\n$/);
+    } finally {
+      client?.close();
+      await vm.kill();
+    }
   });
 });
