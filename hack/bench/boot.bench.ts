@@ -1,5 +1,5 @@
 // `npm run bench boot`, inside the lab only:
-//   hack/kvm-lab run --timeout 1500 -- node dist/hack/bench/run.js boot
+//   hack/kvm-lab run --timeout 900 -- node dist/hack/bench/run.js boot
 // The guest kernel (hack/guest-kernel) booted to a busybox /init by our VMM and
 // by QEMU 7.2 `-M microvm` on the same standard /dev/kvm, the same vmlinux (PVH
 // entry), initramfs and command line; medians of VMLET_BENCH_RUNS (default 5)
@@ -126,7 +126,11 @@ function median(xs: number[]): number {
 
 export async function run(): Promise<void> {
   if (process.env.VMLET_LAB !== 'inside') {
-    throw new Error('the boot benchmark needs a standard /dev/kvm (this host\'s emulates guest kernel mode): run it in the lab: hack/kvm-lab run --timeout 1500 -- node dist/hack/bench/run.js boot');
+    // Not an error of the run: `npm run bench` on a host runs every benchmark, and this
+    // one cannot measure anything there (no standard Linux guest boots on this /dev/kvm).
+    console.log('!!! SKIPPED: the boot benchmark needs a standard /dev/kvm (the dev hosts\' emulates guest kernel mode);');
+    console.log('!!! run it in the lab: hack/kvm-lab run --timeout 900 -- node dist/hack/bench/run.js boot');
+    return;
   }
   const kernel = findGuestKernel();
   if ('missing' in kernel) throw new Error(`the guest kernel is not built: ${kernel.missing}`);
