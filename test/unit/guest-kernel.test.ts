@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { strict as assert } from 'node:assert';
 import { buildBusyboxInitramfs, DONE_MARKER, findGuestKernel, GuestKernel, guestCmdline, INIT_MARKER } from '../helpers/guest-kernel';
-import { repoRoot } from '../helpers/testguest';
+import { repoRoot } from '../../native/ts/testguest';
 
 const script = join(repoRoot(), 'hack', 'guest-kernel');
 
