@@ -42,6 +42,30 @@ async function runToExit(vm: Vm, serialLog: string, timeoutMs: number): Promise<
   }
 }
 
+/**
+ * Boots cfg with the host end of the guest's vsock connect served on `port` and, once the
+ * guest says it listens, connects to it on `listen`; runs the guest to its exit. Every handle
+ * opened here is closed before returning: a listening server left behind would keep mocha's
+ * process alive after a failure.
+ */
+async function runWithVsockPeers(cfg: VmConfig, uds: string, port: number, listen: number, bytes: number, seed: number,
+  what: (exit: VmExit) => string): Promise<{ exit: VmExit; out: TgOutput; g: StreamResult; h: StreamResult }> {
+  const guestConnect = serveGuestConnect(uds, port, bytes, seed);
+  let vm: Vm | undefined;
+  try {
+    vm = await Vm.create(cfg);
+    vm.start();
+    await waitForSerialLine(cfg.serialLog, /^TG vsock .*ready=1$/m, vm.wait(), 60_000);
+    const hostConnect = connectToGuest(uds, listen, bytes, seed);
+    const { exit, out } = await runToExit(vm, cfg.serialLog, 150_000);
+    const [g, h] = await hostStreams(guestConnect.result, hostConnect, out, what(exit));
+    return { exit, out, g, h };
+  } finally {
+    guestConnect.server.close();
+    await vm?.kill();
+  }
+}
+
 describe('testguest devices under our VMM (/dev/kvm)', function () {
   let dir: string;
   const base = (name: string, cmdline: string): VmConfig => ({
@@ -71,65 +95,51 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
       disks: [{ path: rw, id: 'tg-rw' }, { path: ro, readOnly: true, id: 'read-only-disk-20chr' }],
       vsock: { cid: 3, udsPath: uds },
     };
-    // Every handle this test opens is closed in `finally`: a listening server
-    // left behind would keep mocha's process alive after a failure.
-    const guestConnect = serveGuestConnect(uds, port, bytes, seed);
-    let vm: Vm | undefined;
-    try {
-      vm = await Vm.create(cfg);
-      vm.start();
-      await waitForSerialLine(cfg.serialLog, /^TG vsock .*ready=1$/m, vm.wait(), 60_000);
-      const hostConnect = connectToGuest(uds, listen, bytes, seed);
-      const { exit, out } = await runToExit(vm, cfg.serialLog, 150_000);
-      const [g, h] = await hostStreams(guestConnect.result, hostConnect, out, `host vsock ends (VM exit ${JSON.stringify(exit)})`);
+    const { exit, out, g, h } = await runWithVsockPeers(cfg, uds, port, listen, bytes, seed, (e) => `host vsock ends (VM exit ${JSON.stringify(e)})`);
 
-      const mem = one(out, 'memory').fields;
-      assert.deepEqual([mem.low_ram_end, mem.top_rw], [`0x${(cfg.memoryMiB << 20).toString(16)}`, '1'], 'RAM ends where configured and its last byte is backed');
+    const mem = one(out, 'memory').fields;
+    assert.deepEqual([mem.low_ram_end, mem.top_rw], [`0x${(cfg.memoryMiB << 20).toString(16)}`, '1'], 'RAM ends where configured and its last byte is backed');
 
-      // virtio-blk: the id the host configured, then the guest's CRC of the whole disk is the host's.
-      assert.equal(one(out, 'blk-id', { dev: '0' }).fields.id, 'tg-rw');
-      assert.equal(one(out, 'blk-id', { dev: '1' }).fields.id, 'read-only-disk-20chr');
-      assert.equal(one(out, 'blk-read', { dev: '0' }).fields.crc32, crc32hex(rwData));
-      assert.equal(one(out, 'blk-read', { dev: '1' }).fields.crc32, crc32hex(roData));
-      // The written range, verified on the host by hashing the file.
-      const want = Buffer.from(rwData);
-      pattern(seed, off, len).copy(want, off);
-      assert.equal(crc32hex(readFileSync(rw)), crc32hex(want), 'rw.img = original bytes + the seeded pattern at [off, off+len)');
-      assert.equal(one(out, 'blk-write', { dev: '0' }).fields.verify, 'ok');
-      assert.equal(one(out, 'blk-ro', { dev: '1' }).fields.write_status, '1', 'VIRTIO_BLK_S_IOERR');
-      assert.ok(readFileSync(ro).equals(roData), 'the read-only disk file is untouched');
+    // virtio-blk: the id the host configured, then the guest's CRC of the whole disk is the host's.
+    assert.equal(one(out, 'blk-id', { dev: '0' }).fields.id, 'tg-rw');
+    assert.equal(one(out, 'blk-id', { dev: '1' }).fields.id, 'read-only-disk-20chr');
+    assert.equal(one(out, 'blk-read', { dev: '0' }).fields.crc32, crc32hex(rwData));
+    assert.equal(one(out, 'blk-read', { dev: '1' }).fields.crc32, crc32hex(roData));
+    // The written range, verified on the host by hashing the file.
+    const want = Buffer.from(rwData);
+    pattern(seed, off, len).copy(want, off);
+    assert.equal(crc32hex(readFileSync(rw)), crc32hex(want), 'rw.img = original bytes + the seeded pattern at [off, off+len)');
+    assert.equal(one(out, 'blk-write', { dev: '0' }).fields.verify, 'ok');
+    assert.equal(one(out, 'blk-ro', { dev: '1' }).fields.write_status, '1', 'VIRTIO_BLK_S_IOERR');
+    assert.ok(readFileSync(ro).equals(roData), 'the read-only disk file is untouched');
 
-      // vsock, guest -> host connect: both directions byte-exact, both ends agree on the CRCs.
-      const c = one(out, 'vsock-connect').fields;
-      assert.deepEqual([g.received, g.mismatches, g.sent], [bytes, 0, bytes]);
-      assert.deepEqual([Number(c.sent), Number(c.recv), Number(c.mismatches)], [bytes, bytes, 0]);
-      assert.equal(c.credit_violations, '0', 'the device never sent past the credit the guest granted');
-      assert.equal(c.sent_crc32, g.receivedCrc);
-      assert.equal(c.recv_crc32, g.sentCrc);
-      // vsock, host -> guest (CONNECT <port>): the same.
-      const l = one(out, 'vsock-listen').fields;
-      assert.deepEqual([h.received, h.mismatches, h.sent], [bytes, 0, bytes]);
-      assert.deepEqual([Number(l.sent), Number(l.recv), Number(l.mismatches)], [bytes, bytes, 0]);
-      assert.equal(l.credit_violations, '0');
-      assert.equal(l.sent_crc32, h.receivedCrc);
-      assert.equal(l.recv_crc32, h.sentCrc);
+    // vsock, guest -> host connect: both directions byte-exact, both ends agree on the CRCs.
+    const c = one(out, 'vsock-connect').fields;
+    assert.deepEqual([g.received, g.mismatches, g.sent], [bytes, 0, bytes]);
+    assert.deepEqual([Number(c.sent), Number(c.recv), Number(c.mismatches)], [bytes, bytes, 0]);
+    assert.equal(c.credit_violations, '0', 'the device never sent past the credit the guest granted');
+    assert.equal(c.sent_crc32, g.receivedCrc);
+    assert.equal(c.recv_crc32, g.sentCrc);
+    // vsock, host -> guest (CONNECT <port>): the same.
+    const l = one(out, 'vsock-listen').fields;
+    assert.deepEqual([h.received, h.mismatches, h.sent], [bytes, 0, bytes]);
+    assert.deepEqual([Number(l.sent), Number(l.recv), Number(l.mismatches)], [bytes, bytes, 0]);
+    assert.equal(l.credit_violations, '0');
+    assert.equal(l.sent_crc32, h.receivedCrc);
+    assert.equal(l.recv_crc32, h.sentCrc);
 
-      assert.ok(Number(one(out, 'irq').fields.count) > 0, 'blk completions arrived through IOAPIC -> LAPIC -> IDT');
-      assert.equal(one(out, 'irq').fields.missed, '0', 'every blk request got its interrupt');
-      // vsock interrupts come from the device's own thread while the vCPU runs: the asynchronous injection path.
-      assert.equal(one(out, 'vsock-irq').fields.handshake_irq, '1', 'the wait for the vsock RESPONSE was ended by the device interrupt');
-      // Requests past the end and of an unknown type are refused (IOERR, IOERR, UNSUPP).
-      for (const dev of ['0', '1']) {
-        const b = one(out, 'blk-bounds', { dev }).fields;
-        assert.deepEqual([b.past_end_status, b.straddle_status, b.unknown_type_status], ['1', '1', '2']);
-      }
-      assert.deepEqual(out.done, { pass: out.lines.filter((x) => x.fields.result === 'pass').length, fail: 0 }, out.lines.map((x) => x.raw).join('\n'));
-      console.log(`      guest: ${one(out, 'vsock-stats').raw}\n      guest: ${one(out, 'vsock-irq').raw}`);
-      assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
-    } finally {
-      guestConnect.server.close();
-      await vm?.kill();
+    assert.ok(Number(one(out, 'irq').fields.count) > 0, 'blk completions arrived through IOAPIC -> LAPIC -> IDT');
+    assert.equal(one(out, 'irq').fields.missed, '0', 'every blk request got its interrupt');
+    // vsock interrupts come from the device's own thread while the vCPU runs: the asynchronous injection path.
+    assert.equal(one(out, 'vsock-irq').fields.handshake_irq, '1', 'the wait for the vsock RESPONSE was ended by the device interrupt');
+    // Requests past the end and of an unknown type are refused (IOERR, IOERR, UNSUPP).
+    for (const dev of ['0', '1']) {
+      const b = one(out, 'blk-bounds', { dev }).fields;
+      assert.deepEqual([b.past_end_status, b.straddle_status, b.unknown_type_status], ['1', '1', '2']);
     }
+    assert.deepEqual(out.done, { pass: out.lines.filter((x) => x.fields.result === 'pass').length, fail: 0 }, out.lines.map((x) => x.raw).join('\n'));
+    console.log(`      guest: ${one(out, 'vsock-stats').raw}\n      guest: ${one(out, 'vsock-irq').raw}`);
+    assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
   });
 
   it('four guests at once, each with its own disk and vsock peers, all pass their checks', async function () {
@@ -146,23 +156,11 @@ describe('testguest devices under our VMM (/dev/kvm)', function () {
         disks: [{ path: disk }],
         vsock: { cid: 3 + i, udsPath: uds },
       };
-      const guestConnect = serveGuestConnect(uds, port, bytes, seed);
-      let vm: Vm | undefined;
-      try {
-        vm = await Vm.create(cfg);
-        vm.start();
-        await waitForSerialLine(cfg.serialLog, /^TG vsock .*ready=1$/m, vm.wait(), 60_000);
-        const hostConnect = connectToGuest(uds, listen, bytes, seed);
-        const { exit, out } = await runToExit(vm, cfg.serialLog, 150_000);
-        const [g, h] = await hostStreams(guestConnect.result, hostConnect, out, `guest ${i} host vsock ends`);
-        assert.deepEqual([g.mismatches, g.received, h.mismatches, h.received], [0, bytes, 0, bytes], `guest ${i}`);
-        assert.equal(one(out, 'blk-read').fields.crc32, crc32hex(data), `guest ${i}`);
-        assert.equal(out.done?.fail, 0, `guest ${i}:\n${out.lines.map((x) => x.raw).join('\n')}`);
-        assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
-      } finally {
-        guestConnect.server.close();
-        await vm?.kill();
-      }
+      const { exit, out, g, h } = await runWithVsockPeers(cfg, uds, port, listen, bytes, seed, () => `guest ${i} host vsock ends`);
+      assert.deepEqual([g.mismatches, g.received, h.mismatches, h.received], [0, bytes, 0, bytes], `guest ${i}`);
+      assert.equal(one(out, 'blk-read').fields.crc32, crc32hex(data), `guest ${i}`);
+      assert.equal(out.done?.fail, 0, `guest ${i}:\n${out.lines.map((x) => x.raw).join('\n')}`);
+      assert.deepEqual(exit, { reason: 'guest-exit', code: 0 });
     });
     await Promise.all(runs);
   });
