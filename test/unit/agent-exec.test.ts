@@ -6,7 +6,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { AgentClient, AgentError, shellExitCode } from '../../shim/agent/client';
-import { collect, run, RunningAgent, startAgent } from './agent-harness';
+import { collect, run, RunningAgent, agentPerSuite } from './agent-harness';
 
 const sha = (b: Buffer): string => createHash('sha256').update(b).digest('hex');
 
@@ -14,13 +14,9 @@ describe('agent: processes (host-side, over a Unix socket)', function () {
   let agent: RunningAgent;
   let client: AgentClient;
 
-  before(async () => {
-    agent = await startAgent();
-    client = await agent.connect();
-  });
-  after(async () => {
-    client?.close();
-    await agent?.stop();
+  agentPerSuite((a, c) => {
+    agent = a;
+    client = c;
   });
 
   it('handshake reports protocol version 1 and a host-side (not PID 1) agent', () => {

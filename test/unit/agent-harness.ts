@@ -84,6 +84,25 @@ export async function startAgent(opts: { mountNamespace?: boolean; asPid1?: bool
   };
 }
 
+/**
+ * One host-side agent and one handshaken client shared by every test of the
+ * calling describe block: starting the agent per test would cost a process
+ * start each. `use` receives both once they are up.
+ */
+export function agentPerSuite(use: (agent: RunningAgent, client: AgentClient) => void): void {
+  let agent: RunningAgent | undefined;
+  let client: AgentClient | undefined;
+  before(async () => {
+    agent = await startAgent();
+    client = await agent.connect();
+    use(agent, client);
+  });
+  after(async () => {
+    client?.close();
+    await agent?.stop();
+  });
+}
+
 export function collect(stream: NodeJS.ReadableStream): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const parts: Buffer[] = [];

@@ -5,7 +5,7 @@ import { connect, createServer, Server, Socket } from 'node:net';
 import { join } from 'node:path';
 import { AgentClient, AgentError } from '../../shim/agent/client';
 import { encodeFrame, FrameParser, MsgType, PayloadReader, PayloadWriter, WIRE_ERROR_CODES } from '../../shim/agent/protocol';
-import { run, RunningAgent, startAgent } from './agent-harness';
+import { run, RunningAgent, agentPerSuite } from './agent-harness';
 
 function errorCode(payload: Buffer): string {
   const r = new PayloadReader(payload, 'ERROR');
@@ -41,13 +41,9 @@ describe('agent: hostile frames (host-side)', function () {
   let agent: RunningAgent;
   let client: AgentClient;
 
-  before(async () => {
-    agent = await startAgent();
-    client = await agent.connect();
-  });
-  after(async () => {
-    client?.close();
-    await agent?.stop();
+  agentPerSuite((a, c) => {
+    agent = a;
+    client = c;
   });
 
   const expectError = async (reply: Promise<{ error?: AgentError }>, code: string, text: RegExp) => {
