@@ -375,6 +375,45 @@ export async function pushBusyboxImages(registry: Registry, names: string[], wor
   return { layout, refs };
 }
 
+export interface RegistryFixture {
+  registry: Registry;
+  images: TestImages;
+  /** temp directory of the suite (the OCI layout lives here), removed after it */
+  work: string;
+}
+
+/**
+ * Mocha hooks for a describe block: one registry with `names` pushed by pushBusyboxImages
+ * for the whole block, since starting docker-registry and building images costs seconds.
+ * `use` receives them once they are up; a failed start-up still stops what did start.
+ */
+export function registryPerSuite(workPrefix: string, names: string[], use: (f: RegistryFixture) => void,
+  opts: { token?: boolean } = {}): void {
+  let registry: Registry | undefined;
+  let work: string;
+  before(async function () {
+    work = tempDir(workPrefix);
+    registry = await startRegistry(opts);
+    use({ registry, images: await pushBusyboxImages(registry, names, work), work });
+  });
+  after(async function () {
+    await registry?.stop();
+    rmSync(work, { recursive: true, force: true });
+  });
+}
+
+/** Mocha hooks: every test gets an empty image root of its own, so no test sees another's pulls. */
+export function rootPerTest(use: (root: string) => void): void {
+  let root: string;
+  beforeEach(function () {
+    root = tempDir('vmlet-root-');
+    use(root);
+  });
+  afterEach(function () {
+    rmSync(root, { recursive: true, force: true });
+  });
+}
+
 /** Every file under `root` (relative paths), for "nothing was left behind" assertions. */
 export function listFiles(root: string): string[] {
   const out: string[] = [];

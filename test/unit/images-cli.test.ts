@@ -2,9 +2,9 @@
 // stdout for results and stderr for errors.
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
-import { rmSync, writeFileSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { startRegistry, Registry, pushBusyboxImages, TestImages, tempDir, listFiles } from '../helpers/registry';
+import { Registry, TestImages, listFiles, registryPerSuite, rootPerTest } from '../helpers/registry';
 
 const VMLET = join(__dirname, '..', '..', 'shim', 'cli', 'vmlet.js');
 
@@ -29,21 +29,8 @@ describe('images: the vmlet CLI', function () {
   let work: string;
   let root: string;
 
-  before(async function () {
-    work = tempDir('vmlet-cli-');
-    registry = await startRegistry();
-    images = await pushBusyboxImages(registry, ['one', 'two'], work);
-  });
-  after(async function () {
-    await registry?.stop();
-    rmSync(work, { recursive: true, force: true });
-  });
-  beforeEach(function () {
-    root = tempDir('vmlet-root-');
-  });
-  afterEach(function () {
-    rmSync(root, { recursive: true, force: true });
-  });
+  registryPerSuite('vmlet-cli-', ['one', 'two'], (f) => ({ registry, images, work } = f));
+  rootPerTest((r) => (root = r));
 
   it('pull, images, rmi: the whole round trip under --root', async function () {
     const pulled = await vmlet(['--root', root, 'pull', images.refs.one]);

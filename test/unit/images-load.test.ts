@@ -5,7 +5,7 @@ import { join } from 'node:path';
 import { ImageService } from '../../shim/images/image-service';
 import { loadImages } from '../../shim/images/loader';
 import { isImageError, ImageErrorCode } from '../../shim/images/errors';
-import { OciLayout, populateBusybox, populateFiles, tempDir, sh, listFiles } from '../helpers/registry';
+import { OciLayout, populateBusybox, populateFiles, tempDir, sh, listFiles, rootPerTest } from '../helpers/registry';
 
 function rejectsWith(code: ImageErrorCode, text: RegExp): (e: unknown) => boolean {
   return (e) => {
@@ -32,12 +32,7 @@ describe('images: vmlet load', function () {
   after(function () {
     rmSync(work, { recursive: true, force: true });
   });
-  beforeEach(function () {
-    root = tempDir('vmlet-root-');
-  });
-  afterEach(function () {
-    rmSync(root, { recursive: true, force: true });
-  });
+  rootPerTest((r) => (root = r));
 
   it('loads every tag of an OCI layout under --name', async function () {
     const svc = new ImageService({ root });

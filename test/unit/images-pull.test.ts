@@ -1,7 +1,7 @@
 // Pulling from a real registry (Debian docker-registry on 127.0.0.1) into a temp root:
 // tags, digests, platform selection, shared layers, removal + GC, concurrency, token auth.
 import assert from 'node:assert/strict';
-import { existsSync, rmSync, writeFileSync, mkdirSync } from 'node:fs';
+import { existsSync, writeFileSync, mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { execFileSync } from 'node:child_process';
@@ -10,7 +10,7 @@ import { DockerConfigCredentials, StaticCredentials } from '../../shim/images/au
 import { OCI_MANIFEST, OCI_INDEX, OCI_CONFIG, OCI_LAYER_GZIP, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_LAYER_GZIP } from '../../shim/images/mediatypes';
 import { isImageError } from '../../shim/images/errors';
 import {
-  startRegistry, Registry, pushBusyboxImages, TestImages, tempDir, sh, pushBlob, pushManifest, getManifest, sha256, listFiles,
+  Registry, TestImages, sh, pushBlob, pushManifest, getManifest, sha256, listFiles, registryPerSuite, rootPerTest,
 } from '../helpers/registry';
 
 describe('images: pull from a real registry', function () {
@@ -19,21 +19,8 @@ describe('images: pull from a real registry', function () {
   let work: string;
   let root: string;
 
-  before(async function () {
-    work = tempDir('vmlet-pull-');
-    registry = await startRegistry();
-    images = await pushBusyboxImages(registry, ['alpha', 'beta'], work);
-  });
-  after(async function () {
-    await registry?.stop();
-    rmSync(work, { recursive: true, force: true });
-  });
-  beforeEach(function () {
-    root = tempDir('vmlet-root-');
-  });
-  afterEach(function () {
-    rmSync(root, { recursive: true, force: true });
-  });
+  registryPerSuite('vmlet-pull-', ['alpha', 'beta'], (f) => ({ registry, images, work } = f));
+  rootPerTest((r) => (root = r));
 
   it('pulls by tag: verified blobs, one squashfs per layer, the runtime config kept', async function () {
     const svc = new ImageService({ root });
@@ -251,21 +238,8 @@ describe('images: pull from a token-auth registry (Bearer flow)', function () {
   let work: string;
   let root: string;
 
-  before(async function () {
-    work = tempDir('vmlet-token-');
-    registry = await startRegistry({ token: true });
-    images = await pushBusyboxImages(registry, ['secure'], work);
-  });
-  after(async function () {
-    await registry?.stop();
-    rmSync(work, { recursive: true, force: true });
-  });
-  beforeEach(function () {
-    root = tempDir('vmlet-root-');
-  });
-  afterEach(function () {
-    rmSync(root, { recursive: true, force: true });
-  });
+  registryPerSuite('vmlet-token-', ['secure'], (f) => ({ registry, images, work } = f), { token: true });
+  rootPerTest((r) => (root = r));
 
   it('pulls with credentials from a Docker config.json: token fetched for the pull scope', async function () {
     const token = registry.token!;
