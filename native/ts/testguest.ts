@@ -296,3 +296,12 @@ export async function waitForSerialLine(path: string, re: RegExp, stopped: Promi
     await new Promise((r) => setTimeout(r, 10));
   }
 }
+
+/** Rejects with `what` after ms: a host stream the guest never opened must fail, not hang. */
+export function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<never>((_r, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: nothing after ${ms} ms`)), ms);
+  });
+  return Promise.race([p, t]).finally(() => clearTimeout(timer));
+}

@@ -10,17 +10,8 @@ import { join } from 'node:path';
 import { Vm, VmConfig, VmExit } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import {
-  all, connectToGuest, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, StreamResult, TgOutput, waitForSerialLine,
+  all, connectToGuest, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, StreamResult, TgOutput, waitForSerialLine, within,
 } from '../../native/ts/testguest';
-
-/** Rejects with `what` after ms: a host stream the guest never opened must fail the test, not hang it. */
-function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<never>((_r, reject) => {
-    timer = setTimeout(() => reject(new Error(`${what}: nothing after ${ms} ms`)), ms);
-  });
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
-}
 
 /** Both host stream results; a failure carries what the guest said, which tells which end gave up. */
 async function hostStreams(a: Promise<StreamResult>, b: Promise<StreamResult>, out: TgOutput, what: string): Promise<[StreamResult, StreamResult]> {

@@ -12,7 +12,7 @@ import { Command, UsageError, humanBytes, stringOpt } from '../command';
 import { ImageService } from '../../images/image-service';
 import { Vm, VmConfig, VmExit, VmmError } from '../../../native/ts/vmm';
 import {
-  connectToGuest, crc32, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, StreamResult, waitForSerialLine,
+  connectToGuest, crc32, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, StreamResult, waitForSerialLine, within,
 } from '../../../native/ts/testguest';
 
 /** What the host's CPU offers: Linux guests need hardware virtualization (vmx/svm) under the KVM. */
@@ -134,7 +134,11 @@ export const check: Command = {
         });
       }
       if (guestConnect && hostConnect) {
-        const [g, h] = await Promise.allSettled([guestConnect.result, hostConnect]);
+        // The VM has stopped: a stream the guest never opened would wait forever.
+        const [g, h] = await Promise.allSettled([
+          within(guestConnect.result, 10_000, 'the guest\'s connection to the host'),
+          within(hostConnect, 10_000, 'the host\'s connection to the guest'),
+        ]);
         judge('virtio-vsock guest → host connection', () => stream(g, one(tg, 'vsock-connect').fields, bytes));
         judge('virtio-vsock host → guest connection', () => stream(h, one(tg, 'vsock-listen').fields, bytes));
       }
