@@ -23,9 +23,11 @@
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
+#include <linux/random.h>
 #include <linux/vm_sockets.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdarg>
 #include <cstdio>
@@ -107,6 +109,7 @@ struct Conn {
   Watch watch;
   FrameDecoder decoder;
   bool hello = false;
+  uint32_t version = 0;  // negotiated by HELLO
   std::deque<std::vector<uint8_t>> outq;
   size_t out_off = 0;
   size_t out_bytes = 0;
@@ -259,6 +262,7 @@ class Agent {
   void HandleHello(Conn* c, const HostMessage& m);
   void HandleExec(Conn* c, const HostMessage& m);
   void HandleMount(Conn* c, const HostMessage& m);
+  void HandleSetIdentity(Conn* c, const HostMessage& m);
   void HandleStdin(Conn* c, Process* p, const HostMessage& m);
   Process* FindProcess(Conn* c, uint32_t id, uint32_t reply_id);
   void OutputReadable(Process* p, int stream);
@@ -595,6 +599,17 @@ void Agent::HandleFrame(Conn* c, const FrameHeader& h, const std::vector<uint8_t
     }
     case MsgType::MountRootfs: HandleMount(c, m); return;
     case MsgType::Exec: HandleExec(c, m); return;
+    case MsgType::SetIdentity:
+      // A version adds types and changes nothing else: a host that agreed on
+      // version 1 gets what version 1 says of an unknown type.
+      if (c->version < 2) {
+        SendError(c, h.id, ErrorCode::UnknownType,
+                  "SET_IDENTITY (0x0b) is a protocol version 2 message; this connection agreed on version " +
+                      std::to_string(c->version) + " in HELLO");
+        return;
+      }
+      HandleSetIdentity(c, m);
+      return;
     default: break;
   }
   // SIGNAL and RESIZE are requests with their own id and name the process in
@@ -664,21 +679,102 @@ void Agent::HandleHello(Conn* c, const HostMessage& m) {
     SendError(c, m.header.id, ErrorCode::BadRequest, "HELLO min_version is above max_version");
     return;
   }
-  if (kProtocolVersion < r.min_version || kProtocolVersion > r.max_version) {
+  if (r.max_version < kMinProtocolVersion || r.min_version > kProtocolVersion) {
     SendError(c, m.header.id, ErrorCode::VersionUnsupported,
-              "this agent speaks protocol version 1 only; the host offered " + std::to_string(r.min_version) + ".." +
+              "this agent speaks protocol versions " + std::to_string(kMinProtocolVersion) + ".." +
+                  std::to_string(kProtocolVersion) + "; the host offered " + std::to_string(r.min_version) + ".." +
                   std::to_string(r.max_version));
     return;
   }
   c->hello = true;
+  c->version = std::min(kProtocolVersion, r.max_version);
   PayloadWriter w;
-  w.U32(kProtocolVersion);
+  w.U32(c->version);
   w.U32(kMaxPayload);
   w.U32(kMaxDataChunk);
   w.U32(kInitialWindow);
   w.U32(init_mode_ ? 1 : 0);
   w.Str(kVersion);
   Send(c, Frame(MsgType::HelloOk, m.header.id, w.buf()));
+}
+
+// A guest restored from a template shares its siblings' RNG state, wall clock
+// (frozen at snapshot time, then advanced by kvmclock) and hostname. Steps, in
+// this order: the clock first (the host stamped it just before sending, every
+// later microsecond is error), then entropy, then the hostname. Everything is
+// validated before the first step; a failing step stops the rest and is named.
+void Agent::HandleSetIdentity(Conn* c, const HostMessage& m) {
+  const SetIdentityReq& r = m.identity;
+  uint32_t id = m.header.id;
+  auto bad = [&](const std::string& msg) { SendError(c, id, ErrorCode::BadRequest, msg); };
+  if (r.flags & ~kIdentityKnownFlags)
+    return bad("SET_IDENTITY flags has unknown bits set (known: 1 clock, 2 hostname)");
+  if (r.entropy.size() < kMinIdentityEntropy || r.entropy.size() > kMaxIdentityEntropy)
+    return bad("SET_IDENTITY entropy is " + std::to_string(r.entropy.size()) + " bytes; send " +
+               std::to_string(kMinIdentityEntropy) + ".." + std::to_string(kMaxIdentityEntropy) +
+               " bytes from the host's own CSPRNG");
+  bool set_clock = r.flags & kIdentityClock;
+  bool set_hostname = r.flags & kIdentityHostname;
+  if (set_clock && r.realtime_ns <= 0)
+    return bad("SET_IDENTITY realtime_ns must be positive (ns since the epoch), got " + std::to_string(r.realtime_ns));
+  if (!set_clock && r.realtime_ns != 0) return bad("SET_IDENTITY realtime_ns is set but the clock flag (1) is not");
+  if (set_hostname && (r.hostname.empty() || r.hostname.size() > kMaxHostname))
+    return bad("SET_IDENTITY hostname is " + std::to_string(r.hostname.size()) + " bytes; it must be 1.." +
+               std::to_string(kMaxHostname));
+  if (!set_hostname && !r.hostname.empty()) return bad("SET_IDENTITY hostname is set but the hostname flag (2) is not");
+  if (set_clock && !init_mode_) {
+    SendError(c, id, ErrorCode::Unsupported,
+              "SET_IDENTITY with the clock flag is refused outside a guest: this agent is not PID 1 (--no-init), it "
+              "would set the host's clock; send it without flag 1");
+    return;
+  }
+  auto failed = [&](const char* step) {
+    SendError(c, id, ErrorCode::IdentityFailed,
+              std::string("SET_IDENTITY failed at ") + step + ": " + std::strerror(errno) + "; later steps not applied");
+  };
+  timespec before{};
+  clock_gettime(CLOCK_REALTIME, &before);
+  if (set_clock) {
+    timespec ts{static_cast<time_t>(r.realtime_ns / 1000000000), static_cast<long>(r.realtime_ns % 1000000000)};
+    if (clock_settime(CLOCK_REALTIME, &ts) != 0) return failed("clock_settime(CLOCK_REALTIME)");
+  }
+  {
+    // RNDADDENTROPY mixes the bytes into the input pool and credits them, but
+    // a CRNG that is already seeded (every restored guest's is) only draws on
+    // the pool at its next periodic reseed: RNDRESEEDCRNG makes it now, and
+    // bumps the generation so every per-CPU CRNG re-keys on its next use.
+    // (vmgenid would do the same from the kernel, add_vmfork_randomness, but
+    // it is an ACPI device and these guests have no ACPI.)
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return failed("open /dev/urandom");
+    std::vector<uint8_t> info(sizeof(rand_pool_info) + r.entropy.size());
+    rand_pool_info hdr{};
+    hdr.entropy_count = static_cast<int>(r.entropy.size() * 8);
+    hdr.buf_size = static_cast<int>(r.entropy.size());
+    std::memcpy(info.data(), &hdr, sizeof hdr);
+    std::memcpy(info.data() + sizeof hdr, r.entropy.data(), r.entropy.size());
+    int rc = ioctl(fd, RNDADDENTROPY, info.data());
+    int saved = errno;
+    // Part of the seed of this guest's CRNG: wipe this copy (the decoder's
+    // frame buffer keeps one until the next frame overwrites it).
+    explicit_bzero(info.data(), info.size());
+    if (rc != 0) {
+      close(fd);
+      errno = saved;
+      return failed("ioctl RNDADDENTROPY on /dev/urandom");
+    }
+    if (ioctl(fd, RNDRESEEDCRNG) != 0) {
+      saved = errno;
+      close(fd);
+      errno = saved;
+      return failed("ioctl RNDRESEEDCRNG on /dev/urandom");
+    }
+    close(fd);
+  }
+  if (set_hostname && sethostname(r.hostname.data(), r.hostname.size()) != 0) return failed("sethostname");
+  PayloadWriter w;
+  w.U64(static_cast<uint64_t>(static_cast<int64_t>(before.tv_sec) * 1000000000 + before.tv_nsec));
+  SendOk(c, id, w.buf());
 }
 
 void Agent::HandleMount(Conn* c, const HostMessage& m) {

@@ -210,6 +210,14 @@ bool DecodeSetClock(PayloadReader& r, SetClockReq* out) {
   return r.Finish();
 }
 
+bool DecodeSetIdentity(PayloadReader& r, SetIdentityReq* out) {
+  out->flags = r.U32("flags");
+  out->realtime_ns = r.I64("realtime_ns");
+  out->hostname = r.Str("hostname");
+  out->entropy = r.Bytes("entropy");
+  return r.Finish();
+}
+
 bool DecodeHostMessage(const FrameHeader& h, const uint8_t* payload, size_t n, HostMessage* out,
                        DecodeError* err) {
   out->header = h;
@@ -217,13 +225,14 @@ bool DecodeHostMessage(const FrameHeader& h, const uint8_t* payload, size_t n, H
   bool ok = true;
   if (h.flags != 0) {
     err->code = ErrorCode::BadFrame;
-    err->message = "reserved header flags must be 0 in version 1, got " + std::to_string(h.flags);
+    err->message = "reserved header flags must be 0, got " + std::to_string(h.flags);
     return false;
   }
   switch (static_cast<MsgType>(h.type)) {
     case MsgType::Hello: ok = DecodeHello(r, &out->hello); break;
     case MsgType::Ping: ok = r.Finish(); break;
     case MsgType::SetClock: ok = DecodeSetClock(r, &out->clock); break;
+    case MsgType::SetIdentity: ok = DecodeSetIdentity(r, &out->identity); break;
     case MsgType::MountRootfs: ok = DecodeMountRootfs(r, &out->mount); break;
     case MsgType::Exec: ok = DecodeExec(r, &out->exec); break;
     case MsgType::Stdin: out->data = r.Bytes("data"); ok = r.Finish(); break;
@@ -251,7 +260,7 @@ bool DecodeHostMessage(const FrameHeader& h, const uint8_t* payload, size_t n, H
         std::string s;
         for (int i = 12; i >= 0; i -= 4) s += hex[(t >> i) & 0xf];
         return s;
-      }(h.type) + " (protocol version 1)";
+      }(h.type) + " (protocol version " + std::to_string(kProtocolVersion) + ")";
       return false;
   }
   if (!ok) *err = r.error();
@@ -342,6 +351,7 @@ const char* ErrorCodeName(ErrorCode c) {
     case ErrorCode::FlowControl: return "FLOW_CONTROL";
     case ErrorCode::Unsupported: return "UNSUPPORTED";
     case ErrorCode::Internal: return "INTERNAL";
+    case ErrorCode::IdentityFailed: return "IDENTITY_FAILED";
   }
   return "UNKNOWN";
 }

@@ -13,7 +13,10 @@
 
 namespace vmlet::agent {
 
-constexpr uint32_t kProtocolVersion = 1;
+// The highest version this agent speaks and the lowest it still serves; a
+// HELLO gets the highest common one. Version 2 adds SET_IDENTITY only.
+constexpr uint32_t kProtocolVersion = 2;
+constexpr uint32_t kMinProtocolVersion = 1;
 constexpr size_t kHeaderSize = 12;
 // A frame's payload may not exceed this. Large enough for an EXEC with a big
 // environment, small enough that one frame never makes either side allocate
@@ -37,6 +40,7 @@ enum class MsgType : uint16_t {
   Signal = 0x08,
   Resize = 0x09,
   OutputWindow = 0x0a,
+  SetIdentity = 0x0b,  // version 2
   // agent -> host
   HelloOk = 0x81,
   Ok = 0x82,
@@ -63,6 +67,7 @@ enum class ErrorCode : uint32_t {
   FlowControl = 11,     // stdin beyond the granted window
   Unsupported = 12,     // valid request this agent cannot do in its mode
   Internal = 13,
+  IdentityFailed = 14,  // version 2: a SET_IDENTITY step failed (step and errno named)
 };
 
 enum class StreamId : uint8_t { Stdout = 1, Stderr = 2 };
@@ -170,11 +175,32 @@ struct SetClockReq {
   uint32_t nsec = 0;
 };
 
+// SET_IDENTITY (version 2): what a guest restored from a template must not
+// share with its siblings. Entropy is always applied; the clock and the
+// hostname only when their flag is set, so a host-side test agent can be
+// asked for the rest without touching the host's clock.
+constexpr uint32_t kIdentityClock = 1u << 0;
+constexpr uint32_t kIdentityHostname = 1u << 1;
+constexpr uint32_t kIdentityKnownFlags = kIdentityClock | kIdentityHostname;
+// 32 bytes is the 256 bits the kernel's CRNG wants to count as seeded; the
+// upper bound keeps one request cheap (RNDADDENTROPY hashes every byte).
+constexpr size_t kMinIdentityEntropy = 32;
+constexpr size_t kMaxIdentityEntropy = 512;
+constexpr size_t kMaxHostname = 64;  // HOST_NAME_MAX
+
+struct SetIdentityReq {
+  uint32_t flags = 0;
+  int64_t realtime_ns = 0;  // CLOCK_REALTIME in ns since the epoch (kIdentityClock)
+  std::string hostname;     // kIdentityHostname
+  std::vector<uint8_t> entropy;
+};
+
 // Each returns false with r.error() set when the payload is malformed.
 bool DecodeHello(PayloadReader& r, HelloReq* out);
 bool DecodeExec(PayloadReader& r, ExecReq* out);
 bool DecodeMountRootfs(PayloadReader& r, MountRootfsReq* out);
 bool DecodeSetClock(PayloadReader& r, SetClockReq* out);
+bool DecodeSetIdentity(PayloadReader& r, SetIdentityReq* out);
 
 // One decoded host->agent message; exactly one of the members is meaningful.
 struct HostMessage {
@@ -183,6 +209,7 @@ struct HostMessage {
   ExecReq exec;
   MountRootfsReq mount;
   SetClockReq clock;
+  SetIdentityReq identity;
   std::vector<uint8_t> data;  // Stdin
   uint32_t process = 0;  // Signal, Resize: the target process's id
   uint32_t signal = 0;

@@ -4,13 +4,20 @@
 import { connect as netConnect, Socket } from 'node:net';
 import { Readable, Writable } from 'node:stream';
 import { constants as osConstants } from 'node:os';
+import { randomBytes } from 'node:crypto';
 import {
   AgentError,
   DEFAULT_VSOCK_PORT,
   EXEC_FLAG_TTY,
   FrameHeader,
   FrameParser,
+  IDENTITY_FLAG_CLOCK,
+  IDENTITY_FLAG_HOSTNAME,
   INITIAL_WINDOW,
+  MAX_HOSTNAME,
+  MAX_IDENTITY_ENTROPY,
+  MIN_IDENTITY_ENTROPY,
+  MIN_PROTOCOL_VERSION,
   MAX_DATA_CHUNK,
   MAX_PAYLOAD,
   MsgType,
@@ -49,6 +56,25 @@ export interface ExecOptions {
   rlimits?: Rlimit[];
   /** A terminal instead of three pipes: stdout carries everything, stderr is empty. */
   tty?: { rows: number; cols: number };
+}
+
+export interface IdentityOptions {
+  /** Bytes mixed into the guest's RNG and credited; default 64 from the host's CSPRNG. 32..512 bytes. */
+  entropy?: Buffer;
+  /**
+   * Set the guest's CLOCK_REALTIME to the host's, read just before the frame
+   * is written. Only a guest's PID-1 agent accepts it (UNSUPPORTED otherwise).
+   */
+  clock?: boolean;
+  /** The guest's hostname (1..64 bytes); absent leaves it alone. */
+  hostname?: string;
+}
+
+export interface IdentityResult {
+  /** The guest's CLOCK_REALTIME (ns since the epoch) when the request arrived, before any step. */
+  guestRealtimeBeforeNs: bigint;
+  /** The host's CLOCK_REALTIME (ns) stamped into the request when clock was asked, else null. */
+  hostRealtimeSentNs: bigint | null;
 }
 
 /** How a process ended: exactly one of code and signal is non-null. */
@@ -166,7 +192,7 @@ export class AgentClient {
   private static async handshake(socket: Socket, leftover: Buffer): Promise<AgentClient> {
     const client = new AgentClient(socket);
     if (leftover.length > 0) client.onData(leftover);
-    const payload = new PayloadWriter().u32(PROTOCOL_VERSION).u32(PROTOCOL_VERSION).str('vmlet-host').build();
+    const payload = new PayloadWriter().u32(MIN_PROTOCOL_VERSION).u32(PROTOCOL_VERSION).str('vmlet-host').build();
     const reply = await client.request(MsgType.Hello, payload, 'HELLO', [MsgType.HelloOk]);
     const r = new PayloadReader(reply.payload, 'HELLO_OK');
     client.hello = {
@@ -190,6 +216,43 @@ export class AgentClient {
     const ms = BigInt(now.getTime());
     const payload = new PayloadWriter().u64(ms / 1000n).u32(Number(ms % 1000n) * 1_000_000).build();
     await this.request(MsgType.SetClock, payload, 'SET_CLOCK', [MsgType.Ok]);
+  }
+
+  /**
+   * Gives the guest a fresh identity (protocol version 2): entropy credited to
+   * its RNG and the CRNG reseeded at once, then optionally the wall clock and
+   * the hostname. A guest restored from a template needs this before anything
+   * else runs in it: its siblings share its RNG state, clock and name.
+   */
+  async setIdentity(opts: IdentityOptions = {}): Promise<IdentityResult> {
+    const version = this.hello?.version ?? 0;
+    if (version < 2)
+      throw new AgentError('UNSUPPORTED', `SET_IDENTITY needs protocol version 2; this agent (${this.hello?.agentVersion ?? 'unknown'}) agreed on version ${version}: rebuild the guest's agent`);
+    const entropy = opts.entropy ?? randomBytes(64);
+    if (entropy.length < MIN_IDENTITY_ENTROPY || entropy.length > MAX_IDENTITY_ENTROPY)
+      throw new AgentError('BAD_REQUEST', `setIdentity entropy is ${entropy.length} bytes; give ${MIN_IDENTITY_ENTROPY}..${MAX_IDENTITY_ENTROPY}`);
+    let flags = 0;
+    if (opts.clock) flags |= IDENTITY_FLAG_CLOCK;
+    if (opts.hostname !== undefined) {
+      const n = Buffer.byteLength(opts.hostname, 'utf8');
+      if (n < 1 || n > MAX_HOSTNAME) throw new AgentError('BAD_REQUEST', `setIdentity hostname '${opts.hostname}' is ${n} bytes; it must be 1..${MAX_HOSTNAME}`);
+      flags |= IDENTITY_FLAG_HOSTNAME;
+    }
+    const payload = new PayloadWriter()
+      .u32(flags)
+      .u64(0n)
+      .str(opts.hostname ?? '')
+      .raw(entropy)
+      .build();
+    let sent: bigint | null = null;
+    const reply = await this.request(MsgType.SetIdentity, payload, 'SET_IDENTITY', [MsgType.Ok], () => {
+      // Stamped at the last moment before the write: every microsecond between
+      // reading the host clock and the agent's clock_settime is guest error.
+      if (!opts.clock) return;
+      sent = realtimeNs();
+      payload.writeBigUInt64LE(sent, 4);
+    });
+    return { guestRealtimeBeforeNs: new PayloadReader(reply.payload, 'OK').i64('realtime_before'), hostRealtimeSentNs: sent };
   }
 
   /**
@@ -298,12 +361,12 @@ export class AgentClient {
     this.socket.write(encodeFrame(type, id, payload));
   }
 
-  /** @internal */
-  request(type: MsgType, payload: Buffer, what: string, expect: MsgType[]): Promise<Reply> {
-    return this.requestWithId(this.allocId(), type, payload, what, expect);
+  /** @internal beforeWrite may patch the payload in place just before it is framed. */
+  request(type: MsgType, payload: Buffer, what: string, expect: MsgType[], beforeWrite?: () => void): Promise<Reply> {
+    return this.requestWithId(this.allocId(), type, payload, what, expect, beforeWrite);
   }
 
-  private requestWithId(id: number, type: MsgType, payload: Buffer, what: string, expect: MsgType[]): Promise<Reply> {
+  private requestWithId(id: number, type: MsgType, payload: Buffer, what: string, expect: MsgType[], beforeWrite?: () => void): Promise<Reply> {
     return new Promise<Reply>((resolve, reject) => {
       if (this.closedError) return reject(this.closedError);
       if (payload.length > MAX_PAYLOAD)
@@ -316,6 +379,7 @@ export class AgentClient {
         reject,
         what,
       });
+      beforeWrite?.();
       this.socket.write(encodeFrame(type, id, payload));
     });
   }
@@ -383,6 +447,16 @@ export class AgentClient {
     for (const proc of this.processes.values()) proc.abort(err);
     this.processes.clear();
   }
+}
+
+/**
+ * The host's CLOCK_REALTIME in ns, to the millisecond. performance.timeOrigin
+ * + now() would give microseconds but is anchored at process start and does
+ * not follow the host clock when NTP steps it; a millisecond is far inside
+ * what a guest's clock needs.
+ */
+function realtimeNs(): bigint {
+  return BigInt(Date.now()) * 1_000_000n;
 }
 
 function openSocket(path: string): Promise<Socket> {

@@ -2,7 +2,9 @@
 // docs/agent-protocol.md is the specification; native/guest/protocol.h is the
 // agent's implementation of the same bytes.
 
-export const PROTOCOL_VERSION = 1;
+/** The highest version this host speaks; it still accepts agents that speak only MIN_PROTOCOL_VERSION. */
+export const PROTOCOL_VERSION = 2;
+export const MIN_PROTOCOL_VERSION = 1;
 export const HEADER_SIZE = 12;
 export const MAX_PAYLOAD = 1 << 20;
 export const MAX_DATA_CHUNK = 32 * 1024;
@@ -20,6 +22,8 @@ export enum MsgType {
   Signal = 0x08,
   Resize = 0x09,
   OutputWindow = 0x0a,
+  /** Version 2. */
+  SetIdentity = 0x0b,
   HelloOk = 0x81,
   Ok = 0x82,
   Error = 0x83,
@@ -46,6 +50,7 @@ export const WIRE_ERROR_CODES = {
   11: 'FLOW_CONTROL',
   12: 'UNSUPPORTED',
   13: 'INTERNAL',
+  14: 'IDENTITY_FAILED',
 } as const;
 
 export type WireErrorCode = (typeof WIRE_ERROR_CODES)[keyof typeof WIRE_ERROR_CODES];
@@ -64,6 +69,13 @@ export class AgentError extends Error {
 }
 
 export const EXEC_FLAG_TTY = 1;
+
+/** SET_IDENTITY flags: which optional parts the request carries (entropy is always applied). */
+export const IDENTITY_FLAG_CLOCK = 1;
+export const IDENTITY_FLAG_HOSTNAME = 2;
+export const MIN_IDENTITY_ENTROPY = 32;
+export const MAX_IDENTITY_ENTROPY = 512;
+export const MAX_HOSTNAME = 64;
 
 export interface FrameHeader {
   length: number;
@@ -149,6 +161,12 @@ export class PayloadReader {
     this.need(4, field);
     const v = this.buf.readUInt32LE(this.off);
     this.off += 4;
+    return v;
+  }
+  i64(field: string): bigint {
+    this.need(8, field);
+    const v = this.buf.readBigInt64LE(this.off);
+    this.off += 8;
     return v;
   }
   i32(field: string): number {

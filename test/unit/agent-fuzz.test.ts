@@ -21,14 +21,17 @@ describe('agent: decoder fuzzing', function () {
       assert.equal(r.status, 0, `fuzz driver failed: ${r.stderr}`);
       const s = parseSummary(r.stdout);
       // The loop must actually reach every outcome, or it is not testing them.
-      for (const k of ['ok', 'BAD_FRAME', 'INVALID_UTF8', 'UNKNOWN_TYPE', 'oversized'])
+      for (const k of ['ok', 'BAD_FRAME', 'INVALID_UTF8', 'UNKNOWN_TYPE', 'oversized', 'SET_IDENTITY_ok', 'SET_IDENTITY_refused'])
         assert.ok((s.get(k) ?? 0) > 0, `no '${k}' outcome in ${r.stdout}`);
     });
   }
 
   describe('mutated frames against a live agent', () => {
     let agent: RunningAgent;
-    before(async () => (agent = await startAgent()));
+    // Mutated SET_IDENTITY frames can grow any flag: in a user namespace of
+    // its own the kernel refuses the agent this host's RNG and clock, and its
+    // UTS namespace takes any hostname a mutation makes up.
+    before(async () => (agent = await startAgent({ unprivileged: true, utsNamespace: true })));
     after(async () => agent?.stop());
 
     it('300 connections of mutated frames: the agent survives them all and then serves a new connection', async () => {
@@ -46,8 +49,9 @@ describe('agent: decoder fuzzing', function () {
         encodeFrame(MsgType.Stdin, 77, Buffer.from('data')),
         encodeFrame(MsgType.OutputWindow, 77, new PayloadWriter().u8(1).u32(100).build()),
         encodeFrame(MsgType.MountRootfs, 5, new PayloadWriter().str('x').strList(['/nonexistent']).str('tmpfs').build()),
+        encodeFrame(MsgType.SetIdentity, 6, new PayloadWriter().u32(0).u64(0n).str('').raw(Buffer.alloc(32, 0x5a)).build()),
       ];
-      const hello = encodeFrame(MsgType.Hello, 1, new PayloadWriter().u32(1).u32(1).str('fuzz').build());
+      const hello = encodeFrame(MsgType.Hello, 1, new PayloadWriter().u32(1).u32(2).str('fuzz').build());
       let replies = 0;
       for (let c = 0; c < 300; c++) {
         const parts: Buffer[] = [hello];

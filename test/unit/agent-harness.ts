@@ -27,8 +27,15 @@ export interface RunningAgent {
  * asPid1: run as PID 1 of new PID and mount namespaces without --no-init, so
  * the agent does its PID-1 work (early mounts, reaping) as in a guest.
  * kernelCmdline: what the PID-1 agent reads instead of /proc/cmdline.
+ * utsNamespace: a hostname of its own (`unshare --uts`), so SET_IDENTITY can
+ * set one without renaming this host.
+ * unprivileged: root only in a new user namespace (`--user --map-root-user`):
+ * the kernel refuses it what needs the initial namespace's capabilities
+ * (RNDADDENTROPY, clock_settime), so the refusals can be tested safely.
  */
-export async function startAgent(opts: { mountNamespace?: boolean; asPid1?: boolean; kernelCmdline?: string } = {}): Promise<RunningAgent> {
+export async function startAgent(
+  opts: { mountNamespace?: boolean; asPid1?: boolean; kernelCmdline?: string; utsNamespace?: boolean; unprivileged?: boolean } = {},
+): Promise<RunningAgent> {
   if (!existsSync(agentBinary)) throw new Error(`${agentBinary} is missing: run npm run build:agent`);
   const dir = mkdtempSync(join(tmpdir(), 'vmlet-agent-'));
   const socketPath = join(dir, 'agent.sock');
@@ -37,12 +44,16 @@ export async function startAgent(opts: { mountNamespace?: boolean; asPid1?: bool
     writeFileSync(join(dir, 'cmdline'), opts.kernelCmdline);
     agentArgs.push('--cmdline-file', join(dir, 'cmdline'));
   }
-  const unshare = opts.asPid1
-    ? ['--pid', '--fork', '--kill-child', '--mount', '--propagation', 'private']
-    : opts.mountNamespace
-      ? ['--mount', '--propagation', 'private']
-      : null;
-  const child = unshare
+  const unshare = [
+    ...(opts.unprivileged ? ['--user', '--map-root-user'] : []),
+    ...(opts.asPid1
+      ? ['--pid', '--fork', '--kill-child', '--mount', '--propagation', 'private']
+      : opts.mountNamespace
+        ? ['--mount', '--propagation', 'private']
+        : []),
+    ...(opts.utsNamespace ? ['--uts'] : []),
+  ];
+  const child = unshare.length > 0
     ? spawn('unshare', [...unshare, agentBinary, ...agentArgs], { stdio: ['ignore', 'ignore', 'pipe'] })
     : spawn(agentBinary, agentArgs, { stdio: ['ignore', 'ignore', 'pipe'] });
   let log = '';

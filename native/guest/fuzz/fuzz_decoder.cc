@@ -71,7 +71,7 @@ void Mutate(Rng& r, std::vector<uint8_t>& b) {
       break;
     case 6:  // a random message type
       if (b.size() >= kHeaderSize) {
-        uint16_t t = static_cast<uint16_t>(r.Below(3) == 0 ? r.Next() : r.Below(0x12));
+        uint16_t t = static_cast<uint16_t>(r.Below(3) == 0 ? r.Next() : r.Below(0x13));
         std::memcpy(b.data() + 4, &t, 2);
       }
       break;
@@ -92,7 +92,7 @@ bool StringsValid(const HostMessage& m) {
   for (const auto& e : m.exec.env) if (!ok(e)) return false;
   for (const auto& l : m.mount.layers) if (!ok(l)) return false;
   return ok(m.exec.cwd) && ok(m.exec.rootfs) && ok(m.exec.hostname) && ok(m.hello.client) && ok(m.mount.name) &&
-         ok(m.mount.upper);
+         ok(m.mount.upper) && ok(m.identity.hostname);
 }
 
 }  // namespace
@@ -153,12 +153,18 @@ int main(int argc, char** argv) {
           if (dec.payload().size() != dec.header().length) Fail(seed, it, "payload size differs from header length");
           HostMessage m;
           DecodeError err;
+          // Per-type tallies for message types added after version 1, so the
+          // test can tell their decoder was reached both ways, not just the
+          // old types'.
+          bool identity = dec.header().type == static_cast<uint16_t>(MsgType::SetIdentity);
           if (DecodeHostMessage(dec.header(), dec.payload().data(), dec.payload().size(), &m, &err)) {
             if (!StringsValid(m)) Fail(seed, it, "decoded a string that is not valid UTF-8");
             outcomes["ok"]++;
+            if (identity) outcomes["SET_IDENTITY_ok"]++;
           } else {
+            if (identity) outcomes["SET_IDENTITY_refused"]++;
             if (err.message.empty()) Fail(seed, it, "decode error without a message");
-            if (static_cast<uint32_t>(err.code) < 1 || static_cast<uint32_t>(err.code) > 13)
+            if (static_cast<uint32_t>(err.code) < 1 || static_cast<uint32_t>(err.code) > 14)
               Fail(seed, it, "decode error with an unknown code");
             outcomes[ErrorCodeName(err.code)]++;
           }

@@ -91,6 +91,14 @@ inline std::vector<std::vector<uint8_t>> SeedFrames() {
     PayloadWriter w;
     frame(MsgType::Ping, 5, w);
   }
+  {
+    PayloadWriter w;
+    w.U32(kIdentityClock | kIdentityHostname);
+    w.U64(1800000000123456789ull);
+    w.Str("sandbox-7f3a");
+    for (uint8_t i = 0; i < 32; i++) w.U8(static_cast<uint8_t>(i * 37 + 11));
+    frame(MsgType::SetIdentity, 8, w);
+  }
   return out;
 }
 
