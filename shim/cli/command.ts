@@ -3,7 +3,7 @@
 import type { ParseArgsConfig } from 'node:util';
 import type { Writable } from 'node:stream';
 
-export type OptionValues = Record<string, string | boolean | undefined>;
+export type OptionValues = Record<string, string | boolean | (string | boolean)[] | undefined>;
 
 export interface CommandContext {
   /** image/state root (--root, VMLET_ROOT, default /var/lib/vmlet) */

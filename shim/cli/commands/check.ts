@@ -4,7 +4,7 @@
 // files when --image is given) and streams data both ways over virtio-vsock.
 // Every figure the guest reports is checked against the host's own: the CRC
 // of each disk file, the bytes written, the vsock streams.
-import { existsSync, mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -14,14 +14,7 @@ import { Vm, VmConfig, VmExit, VmmError } from '../../../native/ts/vmm';
 import {
   connectToGuest, crc32, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, StreamResult, waitForSerialLine, within,
 } from '../../../native/ts/testguest';
-
-/** What the host's CPU offers: Linux guests need hardware virtualization (vmx/svm) under the KVM. */
-function hostVirtualization(): string {
-  const flags = existsSync('/proc/cpuinfo') ? readFileSync('/proc/cpuinfo', 'latin1') : '';
-  if (/\bvmx\b/.test(flags)) return 'Intel VT-x (vmx)';
-  if (/\bsvm\b/.test(flags)) return 'AMD-V (svm)';
-  return '';
-}
+import { hostVirtualization } from '../../sandbox/host';
 
 async function crcOfFile(path: string): Promise<string> {
   // Layer images are tens of MB at most; one read keeps this simple and fast.

@@ -6,5 +6,6 @@ import { rmi } from './rmi';
 import { load } from './load';
 import { gc } from './gc';
 import { check } from './check';
+import { run } from './run';
 
-export const commands: Command[] = [pull, images, rmi, load, gc, check];
+export const commands: Command[] = [run, pull, images, rmi, load, gc, check];

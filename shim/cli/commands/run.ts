@@ -1,0 +1,359 @@
+// `vmlet run`: one container process in a new microVM, attached to this
+// terminal like `docker run`: stdio streamed byte-exact (or through a pty with
+// -t), SIGINT/SIGTERM/SIGHUP/SIGQUIT forwarded, the process's exit code (128 +
+// signal when it was killed) as ours. vmlet's own failures exit 125, as docker
+// run's do. The microVM is a Sandbox (shim/sandbox); this file only translates
+// the command line and the terminal.
+import { spawn } from 'node:child_process';
+import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { finished } from 'node:stream/promises';
+import { Command, CommandContext, OptionValues, UsageError, stringOpt } from '../command';
+import { convertLayer, ImageError as LayerError } from '../../../native/ts/layer';
+import { VmmError } from '../../../native/ts/vmm';
+import { AgentError, AgentProcess, ExecOptions, shellExitCode } from '../../agent/client';
+import { ImageError } from '../../images/errors';
+import { ImageService } from '../../images/image-service';
+import type { RuntimeConfig } from '../../images/image-store';
+import { linuxGuestRefusal } from '../../sandbox/host';
+import { checkLayer, describeExit, MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, Sandbox, SandboxError } from '../../sandbox/sandbox';
+
+/** docker run's status for its own failures (as opposed to the container's). */
+export const EXIT_VMLET_FAILED = 125;
+const DEFAULT_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
+const FORWARDED_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT'];
+const SIGNAL_NUMBERS: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGTERM: 15 };
+
+/** What the command line asks for, validated; the rootfs is still a name. */
+export interface RunRequest {
+  rootfs: string;
+  command: string[];
+  cpus: number;
+  memoryMiB: number;
+  tty: boolean;
+  interactive: boolean;
+  env: string[];
+  workdir?: string;
+  user?: string;
+  stats: boolean;
+  forceKvm: boolean;
+}
+
+function wholeNumber(text: string | undefined, flag: string, min: number, max: number, dflt: number): number {
+  if (text === undefined) return dflt;
+  const n = /^\d+$/.test(text) ? Number(text) : NaN;
+  if (!Number.isSafeInteger(n) || n < min || n > max) throw new UsageError(`${flag} '${text}' is not a whole number from ${min} to ${max}`);
+  return n;
+}
+
+export function parseRunArgs(values: OptionValues, positionals: string[]): RunRequest {
+  const [rootfs, ...command] = positionals;
+  if (rootfs === undefined || rootfs === '') throw new UsageError('run needs a rootfs: a squashfs file, a directory or an image reference');
+  const env = (Array.isArray(values.env) ? values.env : []).map(String);
+  for (const e of env) if (!/^[^=]+=/.test(e)) throw new UsageError(`--env '${e}' is not KEY=VALUE`);
+  const workdir = stringOpt(values, 'workdir');
+  if (workdir !== undefined && !workdir.startsWith('/')) throw new UsageError(`--workdir '${workdir}' must be an absolute path inside the rootfs`);
+  const user = stringOpt(values, 'user');
+  if (user !== undefined) parseUser(user, '--user');
+  return {
+    rootfs,
+    command,
+    cpus: wholeNumber(stringOpt(values, 'cpus'), '--cpus', 1, MAX_CPUS, 1),
+    memoryMiB: wholeNumber(stringOpt(values, 'memory'), '--memory', MIN_MEMORY_MIB, MAX_MEMORY_MIB, 256),
+    tty: values.tty === true,
+    interactive: values.interactive === true,
+    env,
+    workdir,
+    user,
+    stats: values.stats === true,
+    forceKvm: values['force-kvm'] === true,
+  };
+}
+
+/** `uid[:gid]` or `root`; names need the image's /etc/passwd, which is not read yet. */
+export function parseUser(text: string, from: string): { uid: number; gid: number } {
+  if (text === '' || text === 'root') return { uid: 0, gid: 0 };
+  const m = /^(\d+)(?::(\d+))?$/.exec(text);
+  if (!m) {
+    throw new UsageError(`${from} '${text}': only numeric uid[:gid] (or root) is supported; ` +
+      'UNIMPLEMENTED: resolving user and group names through the image\'s /etc/passwd');
+  }
+  const uid = Number(m[1]);
+  const gid = m[2] !== undefined ? Number(m[2]) : uid;
+  if (uid > 0xffffffff || gid > 0xffffffff) throw new UsageError(`${from} '${text}': ids must be below 2^32`);
+  return { uid, gid };
+}
+
+/** Later entries win, as `docker run -e` over the image's Env. */
+function mergeEnv(...lists: string[][]): string[] {
+  const byKey = new Map<string, string>();
+  for (const list of lists) for (const e of list) byKey.set(e.slice(0, e.indexOf('=') >>> 0), e);
+  return [...byKey.values()];
+}
+
+/** A failure of vmlet itself: printed once, exit 125. */
+class RunFailure extends Error {
+  constructor(message: string, readonly serialTail?: string) {
+    super(message);
+  }
+}
+
+interface ResolvedRootfs {
+  layers: string[];
+  config?: RuntimeConfig;
+  describe: string;
+}
+
+function looksLikePath(s: string): boolean {
+  return s.startsWith('/') || s.startsWith('./') || s.startsWith('../') || s === '.' || s === '..' || /\.(sqfs|squashfs|img)$/.test(s);
+}
+
+function run1(cmd: string, args: string[]): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(cmd, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+    let err = '';
+    p.stderr.on('data', (d: Buffer) => (err += d.toString('utf8')));
+    p.on('error', reject);
+    p.on('close', (code, sig) => (code === 0 ? resolve() : reject(new Error(`${cmd} ${args.join(' ')} exited ${code ?? sig}: ${err.trim()}`))));
+  });
+}
+
+/**
+ * A directory becomes one squashfs layer through our own converter (the same
+ * one image layers go through), from a tar of the tree. Not cached: hashing a
+ * tree costs about what converting it does; the image goes when the run ends.
+ */
+export async function directoryToSquashfs(dir: string, work: string): Promise<string> {
+  const tar = join(work, 'rootfs.tar');
+  const sqfs = join(work, 'rootfs.sqfs');
+  try {
+    await run1('tar', ['-C', dir, '--numeric-owner', '--xattrs', '-cf', tar, '.']);
+  } catch (e) {
+    throw new RunFailure(`cannot read the rootfs directory ${dir}: ${(e as Error).message}`);
+  }
+  try {
+    // A throwaway image: a low zstd level converts several times faster.
+    await convertLayer(tar, sqfs, { compression: 'none', level: 3 });
+  } catch (e) {
+    throw new RunFailure(`cannot convert the rootfs directory ${dir} to squashfs: ${(e as Error).message}`);
+  } finally {
+    rmSync(tar, { force: true });
+  }
+  return sqfs;
+}
+
+async function resolveRootfs(req: RunRequest, root: string, work: string): Promise<ResolvedRootfs> {
+  const name = req.rootfs;
+  if (existsSync(name)) {
+    const st = statSync(name);
+    if (st.isDirectory()) return { layers: [await directoryToSquashfs(name, work)], describe: `directory ${name}` };
+    try {
+      checkLayer(name);
+    } catch (e) {
+      throw new RunFailure((e as Error).message);
+    }
+    return { layers: [name], describe: `squashfs ${name}` };
+  }
+  if (looksLikePath(name)) throw new RunFailure(`rootfs ${name} does not exist: give a squashfs file, a directory or an image reference (see vmlet images)`);
+  try {
+    const { image, layers } = await new ImageService({ root }).rootfs(name);
+    return { layers, config: image.config, describe: `image ${image.reference}` };
+  } catch (e) {
+    if (e instanceof ImageError) throw new RunFailure(`${e.message} (not a file or directory either)`);
+    throw e;
+  }
+}
+
+function processSpec(req: RunRequest, rootfs: ResolvedRootfs): Omit<ExecOptions, 'rootfs'> {
+  const config = rootfs.config;
+  let args = req.command;
+  if (args.length === 0) {
+    if (!config) throw new UsageError(`${rootfs.describe} has no image config: give the command after --`);
+    args = [...(config.entrypoint ?? []), ...(config.cmd ?? [])];
+    if (args.length === 0) throw new UsageError(`${rootfs.describe} has neither Entrypoint nor Cmd: give the command after --`);
+  } else if (config?.entrypoint?.length) {
+    // docker run: arguments after the image replace Cmd and go to the Entrypoint.
+    args = [...config.entrypoint, ...args];
+  }
+  const base = config?.env ?? [];
+  const env = mergeEnv([DEFAULT_PATH], base, req.tty ? ['TERM=xterm'] : [], req.env);
+  const user = req.user ?? config?.user;
+  const ids = user ? parseUser(user, req.user !== undefined ? '--user' : `${rootfs.describe}'s User`) : { uid: 0, gid: 0 };
+  return {
+    args,
+    env,
+    cwd: req.workdir ?? (config?.workingDir || '/'),
+    uid: ids.uid,
+    gid: ids.gid,
+  };
+}
+
+export const run: Command = {
+  name: 'run',
+  summary: 'run a command in a new microVM from a squashfs image, a directory or a stored image',
+  usage: '[options] <rootfs.sqfs | dir | image> [-- cmd args...]',
+  options: {
+    cpus: { type: 'string' },
+    memory: { type: 'string' },
+    cold: { type: 'boolean' },
+    tty: { type: 'boolean', short: 't' },
+    interactive: { type: 'boolean', short: 'i' },
+    env: { type: 'string', short: 'e', multiple: true },
+    workdir: { type: 'string', short: 'w' },
+    user: { type: 'string', short: 'u' },
+    stats: { type: 'boolean' },
+    'force-kvm': { type: 'boolean' },
+  },
+  help: [
+    '--cpus N          vCPUs of the microVM (default 1, at most 64)',
+    '--memory MiB      guest RAM (default 256)',
+    '--cold            boot the guest kernel rather than restore a template; today every run is a',
+    '                  cold boot (template snapshots come with issue 7), so this changes nothing yet',
+    '-t, --tty         a pseudo-terminal for the process (window size follows this terminal)',
+    '-i, --interactive forward stdin to the process (without it the process reads EOF)',
+    '-e, --env K=V     set an environment variable (repeatable; wins over the image\'s Env)',
+    '-w, --workdir D   working directory inside the rootfs (default the image\'s, else /)',
+    '-u, --user U      uid[:gid] or root (default the image\'s User, else root)',
+    '--stats           after the run, print boot timings and VM exits by reason to stderr',
+    '--force-kvm       skip the check that /dev/kvm can run a Linux guest (also VMLET_FORCE_KVM=1)',
+    '',
+    'The rootfs is a squashfs file, a directory (converted to a temporary squashfs first) or',
+    'an image in the store (vmlet pull/load); an image\'s Entrypoint/Cmd/Env/WorkingDir/User',
+    'apply. Put the command after --. Signals SIGINT, SIGTERM, SIGHUP and SIGQUIT go to the',
+    'process; a second Ctrl-C stops the microVM. Exit status: the process\'s, 128+N when signal N',
+    'killed it, 125 when vmlet itself failed (then the guest\'s serial log tail is printed if the',
+    'guest died). Hosts without vmx/svm (nested paravirtual KVM) cannot boot Linux guests:',
+    'use hack/kvm-lab run -- vmlet run ...',
+  ],
+  async run(values, positionals, ctx) {
+    const req = parseRunArgs(values, positionals);
+    const refusal = linuxGuestRefusal({ force: req.forceKvm });
+    if (refusal) {
+      ctx.stderr.write(`vmlet run: ${refusal}\n`);
+      return EXIT_VMLET_FAILED;
+    }
+    const work = mkdtempSync(join(tmpdir(), 'vmlet-run-'));
+    try {
+      return await execute(req, ctx, work);
+    } catch (e) {
+      if (e instanceof UsageError) throw e;
+      const known = e instanceof RunFailure || e instanceof SandboxError || e instanceof VmmError || e instanceof AgentError || e instanceof LayerError;
+      if (!known) throw e;
+      ctx.stderr.write(`vmlet run: ${known && e instanceof VmmError ? `${e.name}: ` : ''}${(e as Error).message}\n`);
+      const tail = e instanceof RunFailure ? e.serialTail : e instanceof SandboxError ? e.serialTail : undefined;
+      if (tail) ctx.stderr.write(`vmlet run: guest serial log (tail):\n${tail}\n`);
+      return EXIT_VMLET_FAILED;
+    } finally {
+      rmSync(work, { recursive: true, force: true });
+    }
+  },
+};
+
+async function execute(req: RunRequest, ctx: CommandContext, work: string): Promise<number> {
+  const rootfs = await resolveRootfs(req, ctx.root, work);
+  const spec = processSpec(req, rootfs);
+
+  // Signals: before the process exists they abort the start; after, they are
+  // forwarded, and a second SIGINT stops the VM (a process ignoring SIGINT
+  // must not hold the terminal hostage).
+  const abort = new AbortController();
+  let proc: AgentProcess | null = null;
+  let sandbox: Sandbox | null = null;
+  let interrupts = 0;
+  let stoppedBySignal: NodeJS.Signals | null = null;
+  const onSignal = (sig: NodeJS.Signals): void => {
+    if (sig === 'SIGINT') interrupts++;
+    if (!proc || !sandbox) {
+      stoppedBySignal ??= sig;
+      abort.abort();
+      return;
+    }
+    if (sig === 'SIGINT' && interrupts >= 2) {
+      ctx.stderr.write('vmlet run: second interrupt: stopping the microVM\n');
+      stoppedBySignal = sig;
+      void sandbox.stop();
+      return;
+    }
+    proc.signal(sig).catch(() => undefined);
+  };
+  const handlers = FORWARDED_SIGNALS.map((sig) => {
+    const h = (): void => onSignal(sig);
+    process.on(sig, h);
+    return [sig, h] as const;
+  });
+  const stdin = process.stdin;
+  let rawMode = false;
+  let resizeHandler: (() => void) | null = null;
+  try {
+    const t0 = Date.now();
+    try {
+      sandbox = await Sandbox.start({ cpus: req.cpus, memoryMiB: req.memoryMiB, layers: rootfs.layers }, { signal: abort.signal });
+    } catch (e) {
+      if (stoppedBySignal) return 128 + SIGNAL_NUMBERS[stoppedBySignal];
+      throw e;
+    }
+    const stdout = ctx.stdout;
+    const tty = req.tty ? { rows: (stdout as { rows?: number }).rows || 24, cols: (stdout as { columns?: number }).columns || 80 } : undefined;
+    const started = Date.now();
+    proc = await sandbox.exec({ ...spec, tty });
+    const p = proc;
+    if (stoppedBySignal) {
+      // A signal arrived while EXEC was in flight: the process gets it now.
+      p.signal(stoppedBySignal).catch(() => undefined);
+      stoppedBySignal = null;
+    }
+    if (req.tty && stdin.isTTY) {
+      stdin.setRawMode(true);
+      rawMode = true;
+    }
+    if (req.tty && (stdout as { isTTY?: boolean }).isTTY) {
+      resizeHandler = () => {
+        const s = stdout as { rows?: number; columns?: number };
+        if (s.rows && s.columns) p.resize(s.rows, s.columns).catch(() => undefined);
+      };
+      process.on('SIGWINCH', resizeHandler);
+    }
+    if (req.interactive) stdin.pipe(p.stdin);
+    else p.stdin.end();
+    p.stdout.pipe(stdout, { end: false });
+    p.stderr.pipe(ctx.stderr, { end: false });
+    const drained = Promise.all([finished(p.stdout), finished(p.stderr)]).then(() => true, () => false);
+
+    type Outcome = { kind: 'exit'; code: number } | { kind: 'vm' } | { kind: 'lost'; error: Error };
+    const outcome: Outcome = await Promise.race([
+      p.wait().then((s): Outcome => ({ kind: 'exit', code: shellExitCode(s) }), (error: Error): Outcome => ({ kind: 'lost', error })),
+      sandbox.exited().then((): Outcome => ({ kind: 'vm' })),
+    ]);
+    const exitedAt = Date.now();
+    if (outcome.kind === 'exit') await drained;
+    if (req.stats) printStats(ctx, sandbox, t0, started, exitedAt);
+    if (outcome.kind === 'exit') return outcome.code;
+    if (stoppedBySignal) return 128 + SIGNAL_NUMBERS[stoppedBySignal];
+    // The connection broke or the VM stopped under a running process: find out which.
+    const exit = sandbox.exit ?? (await Promise.race([sandbox.exited(), new Promise<null>((r) => setTimeout(() => r(null), 2000))]));
+    const tail = await sandbox.serialTail();
+    if (exit) throw new RunFailure(`the microVM stopped while the process ran: ${describeExit(exit)}`, tail);
+    throw new RunFailure(`lost the connection to the guest agent while the process ran: ${(outcome as { error: Error }).error.message}`, tail);
+  } finally {
+    for (const [sig, h] of handlers) process.off(sig, h);
+    if (resizeHandler) process.off('SIGWINCH', resizeHandler);
+    if (rawMode) stdin.setRawMode(false);
+    if (req.interactive) {
+      stdin.unpipe();
+      // A stdin nobody reads any more would keep the event loop alive.
+      stdin.destroy();
+    }
+    if (sandbox) await sandbox.stop();
+  }
+}
+
+function printStats(ctx: CommandContext, sandbox: Sandbox, t0: number, started: number, exitedAt: number): void {
+  const t = sandbox.timings;
+  const ms = (a: number | undefined, b: number | undefined): string => (a !== undefined && b !== undefined ? `${b - a} ms` : '?');
+  ctx.stderr.write(`vmlet run: ${sandbox.launched.origin}: launch → agent ready ${ms(t.launchStartMs, t.agentReadyMs)}, ` +
+    `rootfs stacked ${ms(t.agentReadyMs, t.rootfsReadyMs)}, process ran ${exitedAt - started} ms, total ${exitedAt - t0} ms\n`);
+  const exits = Object.entries(sandbox.stats().exits).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
+  const total = exits.reduce((s, [, n]) => s + n, 0);
+  ctx.stderr.write(`vmlet run: VM exits ${total}: ${exits.map(([k, n]) => `${k} ${n}`).join(', ')}\n`);
+}
