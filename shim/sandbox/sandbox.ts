@@ -278,7 +278,7 @@ export class Sandbox {
  * CONNECT until the guest listens, so a refusal means "not yet"; the VM
  * stopping or the bound passing ends the wait with the serial tail.
  */
-async function waitForAgent(launched: LaunchedVm, timeoutMs: number, signal?: AbortSignal): Promise<AgentClient> {
+export async function waitForAgent(launched: LaunchedVm, timeoutMs: number, signal?: AbortSignal): Promise<AgentClient> {
   const t0 = Date.now();
   let exit: VmExit | null = null;
   void launched.vm.wait().then((e) => {

@@ -1,0 +1,282 @@
+// The template pool: a guest booted once per (kernel, agent initramfs, cpus,
+// memory, command line, VMM build, host CPU) and snapshotted when its agent
+// answers; every acquire() is a restore of that snapshot (memory mapped
+// copy-on-write by the VMM) with a fresh identity set through the agent
+// (SET_IDENTITY: RNG reseed, wall clock, hostname). Templates live in a
+// TemplateStore (template-store.ts): made on first use, keyed by the hash of
+// their inputs, made again once when a restore calls them corrupt.
+//
+// A template carries no disks: the snapshot contract re-opens exactly the
+// snapshot's disks, and a guest restored with other images behind its disks
+// would keep the template's view of them (virtio-blk capacity read at probe,
+// the block devices' page cache). Sandboxes with image layers therefore still
+// cold-boot (coldBoot in sandbox.ts) until layers reach a restored guest
+// another way.
+import { randomBytes, createHash } from 'node:crypto';
+import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { addonPath } from '../../native/ts/addon';
+import { Vm, VmConfig } from '../../native/ts/vmm';
+import { AgentClient, IdentityResult } from '../agent/client';
+import { LaunchedVm, waitForAgent } from './sandbox';
+import { Template, TemplateError, TemplateInputs, TemplateStore, templateKey, templateLog } from './template-store';
+
+/**
+ * Bumped when what a template directory holds, or how it is made, changes
+ * (e.g. the agent's state when snapshotted): older templates then get another
+ * key and are made anew instead of being misread.
+ */
+export const TEMPLATE_LAYOUT = 'vmlet-template/1: snapshot/ from Vm.snapshot after the agent answered PING; vsock cid 3; no disks';
+
+/** The guest's vsock CID in every template and restore (each VM's vsock is its own Unix socket). */
+const GUEST_CID = 3;
+
+export interface TemplateSpec {
+  /** PVH vmlinux of the guest kernel. */
+  kernel: string;
+  /** Initramfs whose /init is vmlet-agent (shim/sandbox/guest.ts agentInitramfs()). */
+  initrd: string;
+  cpus: number;
+  memoryMiB: number;
+  /** The whole guest command line the template boots with. */
+  cmdline: string;
+}
+
+// The facade's snapshot API (issue 7, native part), as its contract states
+// it. Reached through these two functions so a VMM build without it fails
+// with a clear UNIMPLEMENTED instead of a TypeError.
+export interface SnapshotInfo {
+  dir: string;
+  version: number;
+  memoryBytes: number;
+  memoryFileBytes: number;
+  cpus: number;
+}
+interface SnapshottingVm {
+  snapshot(dir: string): Promise<SnapshotInfo>;
+}
+interface RestoringVm {
+  restore(opts: { snapshot: string; serialLog: string; vsock?: { cid: number; udsPath: string } }): Promise<Vm>;
+}
+
+function unimplemented(what: string): TemplateError {
+  return new TemplateError('UNIMPLEMENTED', `this build of the VMM has no ${what} (native/ts/vmm.ts, issue 7): templates cannot be made or restored; boot cold instead`);
+}
+
+export async function snapshotVm(vm: Vm, dir: string): Promise<SnapshotInfo> {
+  const v = vm as unknown as Partial<SnapshottingVm>;
+  if (typeof v.snapshot !== 'function') throw unimplemented('Vm.snapshot');
+  return v.snapshot.call(vm, dir);
+}
+
+export async function restoreVm(opts: { snapshot: string; serialLog: string; vsock: { cid: number; udsPath: string } }): Promise<Vm> {
+  const api = Vm as unknown as Partial<RestoringVm>;
+  if (typeof api.restore !== 'function') throw unimplemented('Vm.restore');
+  return api.restore.call(Vm, opts);
+}
+
+/** A restore that failed because the snapshot itself is bad (the facade's SnapshotError). */
+export function isSnapshotCorrupt(e: unknown): boolean {
+  return e instanceof Error && e.name === 'SnapshotError';
+}
+
+const fileHashes = new Map<string, string>();
+
+/**
+ * SHA-256 of a file's bytes. Memoised per (path, device, inode, size, mtime):
+ * a kernel is tens of MiB and every acquire() needs the key.
+ */
+export function sha256File(path: string): string {
+  const st = statSync(path);
+  const memo = `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeMs}`;
+  const known = fileHashes.get(memo);
+  if (known) return known;
+  const h = createHash('sha256');
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.allocUnsafe(1 << 20);
+    for (;;) {
+      const n = readSync(fd, buf, 0, buf.length, null);
+      if (n === 0) break;
+      h.update(buf.subarray(0, n));
+    }
+  } finally {
+    closeSync(fd);
+  }
+  const digest = h.digest('hex');
+  fileHashes.set(memo, digest);
+  return digest;
+}
+
+/**
+ * What a snapshot's vCPU state depends on in the host CPU: vendor, family,
+ * model, stepping and feature flags of the first processor in /proc/cpuinfo
+ * (the VMM hands the guest KVM's supported CPUID, which follows these). The
+ * snapshot refuses another CPU itself; keying on it keeps a store shared by
+ * several hosts from offering one it would refuse.
+ */
+export function hostCpuFingerprint(cpuinfo = readFileSync('/proc/cpuinfo', 'utf8')): string {
+  const first = cpuinfo.split(/\n\s*\n/)[0] ?? '';
+  const fields = new Map<string, string>();
+  for (const line of first.split('\n')) {
+    const m = line.match(/^([^:]+?)\s*:\s*(.*)$/);
+    if (m) fields.set(m[1], m[2]);
+  }
+  const parts = ['vendor_id', 'cpu family', 'model', 'stepping', 'flags'].map((k) => `${k}=${fields.get(k) ?? ''}`);
+  return createHash('sha256').update(parts.join('\n')).digest('hex').slice(0, 32);
+}
+
+/** The inputs a template is keyed by; the files by content. */
+export function templateInputs(spec: TemplateSpec): TemplateInputs {
+  return {
+    layout: TEMPLATE_LAYOUT,
+    kernel: sha256File(spec.kernel),
+    initrd: sha256File(spec.initrd),
+    cpus: spec.cpus,
+    memoryMiB: spec.memoryMiB,
+    cmdline: spec.cmdline,
+    // The snapshot format and the device state layout are the addon's: a new
+    // build may read old snapshots, but nothing says so, so it gets new ones.
+    vmm: sha256File(addonPath),
+    cpu: hostCpuFingerprint(),
+  };
+}
+
+export interface RestoredGuest extends LaunchedVm {
+  client: AgentClient;
+  /** The hostname SET_IDENTITY gave the guest. */
+  hostname: string;
+  identity: IdentityResult;
+  template: Template;
+  /** CLOCK_MONOTONIC (process.hrtime.bigint()) at the restore call, the agent's HELLO, and SET_IDENTITY's reply. */
+  timings: { restoreNs: bigint; agentReadyNs: bigint; identityNs: bigint };
+  /** Kills the VM and removes its state directory; idempotent. */
+  close(): Promise<void>;
+}
+
+export interface TemplatePoolOptions {
+  spec: TemplateSpec;
+  /** The TemplateStore root; default $VMLET_TEMPLATE_DIR or /var/lib/vmlet/templates. */
+  root?: string;
+  /** Parent of each restored VM's state directory (serial log, vsock socket); default the OS temp dir. */
+  stateDir?: string;
+  /** Bound on (re)start → agent answering; default 60 s (a template boot in the lab takes ~10 s). */
+  agentTimeoutMs?: number;
+}
+
+export class TemplatePool {
+  readonly store: TemplateStore;
+  private readonly spec: TemplateSpec;
+  private readonly stateParent: string;
+  private readonly agentTimeoutMs: number;
+
+  constructor(opts: TemplatePoolOptions) {
+    this.spec = opts.spec;
+    this.store = new TemplateStore({ root: opts.root });
+    this.stateParent = opts.stateDir ?? tmpdir();
+    this.agentTimeoutMs = opts.agentTimeoutMs ?? 60_000;
+  }
+
+  /** The key of this pool's template, from the current inputs (files hashed, memoised). */
+  key(): string {
+    return templateKey(templateInputs(this.spec));
+  }
+
+  /** The template, made now (a cold boot + snapshot) if the store has none for the current inputs. */
+  template(): Promise<Template> {
+    const inputs = templateInputs(this.spec);
+    return this.store.ensure(templateKey(inputs), inputs, (dir) => this.make(dir));
+  }
+
+  /**
+   * A VM restored from the template, running, its agent connected and its
+   * identity fresh (own RNG state, the host's wall clock, `hostname`).
+   */
+  acquire(opts: { hostname?: string } = {}): Promise<RestoredGuest> {
+    const hostname = opts.hostname ?? `vmlet-${randomBytes(4).toString('hex')}`;
+    const inputs = templateInputs(this.spec);
+    return this.store.use(templateKey(inputs), inputs, (dir) => this.make(dir), (t) => this.restore(t, hostname), isSnapshotCorrupt);
+  }
+
+  /** Cold-boots the template guest into `dir`: the agent answers, then the VM is paused and snapshotted. */
+  private async make(dir: string): Promise<Record<string, unknown>> {
+    const work = mkdtempSync(join(this.stateParent, 'vmlet-template-boot-'));
+    const vsockPath = join(work, 'vsock.sock');
+    const serialLog = join(work, 'serial.log');
+    const config: VmConfig = {
+      kernel: this.spec.kernel,
+      initrd: this.spec.initrd,
+      cmdline: this.spec.cmdline,
+      memoryMiB: this.spec.memoryMiB,
+      cpus: this.spec.cpus,
+      serialLog,
+      bootProtocol: 'pvh',
+      vsock: { cid: GUEST_CID, udsPath: vsockPath },
+    };
+    const t0 = Date.now();
+    const vm = await Vm.create(config);
+    try {
+      vm.start();
+      const client = await waitForAgent({ vm, vsockPath, serialLog, layerDevices: [], origin: 'template boot' }, this.agentTimeoutMs);
+      await client.ping();
+      // The restore's transport reset drops this connection in every clone;
+      // closing it first just spares the agent a dead peer.
+      client.destroy();
+      const bootMs = Date.now() - t0;
+      await vm.pause();
+      const snapshot = await snapshotVm(vm, join(dir, 'snapshot'));
+      templateLog.info(`template booted in ${bootMs} ms, snapshot ${snapshot.memoryFileBytes} bytes on disk`);
+      return { bootMs, snapshot: { ...snapshot }, agentVersion: client.hello?.agentVersion ?? '' };
+    } finally {
+      await vm.kill();
+      rmSync(work, { recursive: true, force: true });
+    }
+  }
+
+  private async restore(template: Template, hostname: string): Promise<RestoredGuest> {
+    const stateDir = mkdtempSync(join(this.stateParent, 'vmlet-restored-'));
+    const vsockPath = join(stateDir, 'vsock.sock');
+    const serialLog = join(stateDir, 'serial.log');
+    let vm: Vm | undefined;
+    let client: AgentClient | undefined;
+    try {
+      const restoreNs = process.hrtime.bigint();
+      vm = await restoreVm({ snapshot: join(template.dir, 'snapshot'), serialLog, vsock: { cid: GUEST_CID, udsPath: vsockPath } });
+      vm.start();
+      const launched: LaunchedVm = { vm, vsockPath, serialLog, layerDevices: [], origin: 'template restore' };
+      client = await waitForAgent(launched, this.agentTimeoutMs);
+      const agentReadyNs = process.hrtime.bigint();
+      // Before anything else runs in the clone: until this returns it shares
+      // its siblings' RNG state, a stale clock and the template's hostname.
+      const identity = await client.setIdentity({ clock: true, hostname });
+      const identityNs = process.hrtime.bigint();
+      let closed: Promise<void> | null = null;
+      const owned = { vm, client };
+      return {
+        ...launched,
+        client,
+        hostname,
+        identity,
+        template,
+        timings: { restoreNs, agentReadyNs, identityNs },
+        close: () => {
+          closed ??= (async () => {
+            owned.client.destroy();
+            try {
+              await owned.vm.kill();
+            } finally {
+              rmSync(stateDir, { recursive: true, force: true });
+            }
+          })();
+          return closed;
+        },
+      };
+    } catch (e) {
+      client?.destroy();
+      if (vm) await vm.kill();
+      rmSync(stateDir, { recursive: true, force: true });
+      throw e;
+    }
+  }
+}
