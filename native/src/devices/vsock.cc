@@ -140,6 +140,15 @@ class VirtioVsock : public VirtioDevice {
   }
   void WriteConfig(uint64_t, const uint8_t*, uint32_t) override {}  // guest_cid is read-only
 
+  // Connections are not carried across a snapshot (their host sockets belong
+  // to the old VM): the restore sends a transport reset instead, after which
+  // the guest re-reads the CID, which may differ.
+  void SaveState(snapshot::Writer& w) const override { w.U64(cfg_.guest_cid); }
+  void RestoreState(snapshot::Reader& r) override {
+    r.U64();
+    r.ExpectEnd();
+  }
+
   void Activate(GuestMemory* mem, std::vector<Queue*> queues, std::shared_ptr<InterruptSink> irq) override {
     std::lock_guard<std::mutex> lock(mu_);
     if (queues.size() < 3) return;
