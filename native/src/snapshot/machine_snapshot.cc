@@ -447,6 +447,17 @@ snapshot::Summary Machine::Snapshot(const std::string& dir) {
   c.vsock_cid = c.has_vsock ? config_.vsock->guest_cid : 0;
   for (auto& r : mem_->regions()) c.regions.push_back({r.gpa, r.size, r.fd_offset});
 
+  // Device threads stop touching rings and RAM until the memory file is written.
+  struct Quiesced {
+    std::vector<std::shared_ptr<virtio::VirtioDevice>>& devs;
+    explicit Quiesced(std::vector<std::shared_ptr<virtio::VirtioDevice>>& d) : devs(d) {
+      for (auto& x : devs) x->QuiesceForSnapshot();
+    }
+    ~Quiesced() {
+      for (auto& x : devs) x->EndQuiesceForSnapshot();
+    }
+  } quiesced(virtio_devices_);
+
   std::vector<Section> sections;
   auto add = [&](uint32_t id, const Writer& w) { sections.push_back(Section{id, w.data()}); };
   {

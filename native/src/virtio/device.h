@@ -68,6 +68,11 @@ class VirtioDevice {
   // before the transport re-activates it, and throws VmmError(Snapshot) when
   // the new backing (a disk of another size) cannot carry the saved state.
   virtual void SaveState(snapshot::Writer& /*w*/) const {}
+  // Around a snapshot (vCPUs parked, same thread for both calls): a device
+  // whose own threads write guest memory or queue state stops them, so the
+  // queue indexes saved and the rings in the memory file agree.
+  virtual void QuiesceForSnapshot() {}
+  virtual void EndQuiesceForSnapshot() {}
   virtual void RestoreState(snapshot::Reader& r) { r.ExpectEnd(); }
 };
 
