@@ -142,6 +142,7 @@ static void parse_cmdline(void) {
     else if (streq_prefix(tok, "tg.n=", &v)) tg_args.n = parse_u64(v);
     else if (streq_prefix(tok, "tg.mib=", &v)) tg_args.mib = parse_u64(v);
     else if (streq_prefix(tok, "tg.qd=", &v)) tg_args.qd = (u32)parse_u64(v);
+    else if (streq_prefix(tok, "tg.pause=", &v)) tg_args.pause = v;
     else if (streq_prefix(tok, "tg.timeout=", &v) && parse_u64(v)) tg_timeout_cycles = parse_u64(v) * 1000000000ull;
   }
 }
@@ -216,6 +217,8 @@ static void mode_check(void) {
   check_memory();
   irq_setup_chips();
   discover_devices(1);
+  /* The snapshot point waits on the vsock event queue, so vsock is live first. */
+  if (tg_args.pause && vsock_prepare_pause()) tg_args.pause = 0;
   blk_check_all();
   vsock_check();
   /* The blk checks waited on their completions by interrupt; at least one

@@ -129,6 +129,7 @@ struct tg_args {
   u64 n;          /* bench iterations */
   u64 mib;        /* bench transfer size */
   u32 qd;         /* bench-blk: requests in flight for the second random-read phase */
+  const char *pause;  /* check: a snapshot point ("after-blk0"), see README "Snapshot point" */
 };
 extern struct tg_args tg_args;
 void blk_check_all(void);
@@ -138,6 +139,8 @@ extern u64 tg_low_ram_end;                         /* end of the RAM region hold
 void vsock_check(void);
 void vsock_bench(void);
 void vsock_overrun(void);
+int vsock_prepare_pause(void);                     /* opens vsock early; 0 on success */
+void tg_pause_point(const char *name);             /* waits for the transport-reset event */
 int tg_find_device(u32 device_id, int nth);
 
 #endif

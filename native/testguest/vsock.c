@@ -67,6 +67,7 @@ struct vs {
 };
 
 static struct vs vs;
+static int vs_opened;  /* by vsock_prepare_pause, before the blk checks */
 static struct conn conns[2];
 static int nconns;
 
@@ -408,7 +409,7 @@ void vsock_check(void) {
     tg_printf("TG vsock skipped=no-tg.vsock_port-or-tg.vsock_listen\n");
     return;
   }
-  int rc = vs_open(&tg_devs[di]);
+  int rc = vs_opened ? 0 : vs_open(&tg_devs[di]);
   if (rc) {
     tg_printf("TG vsock error=setup rc=%d result=fail\n", rc);
     tg_result("vsock", 0);
@@ -459,6 +460,43 @@ void vsock_check(void) {
               vs.irq_wakeups, ok ? "pass" : "fail");
     tg_result("vsock-irq", ok);
   }
+}
+
+int vsock_prepare_pause(void) {
+  int di = tg_find_device(19, 0);
+  int rc = di < 0 ? -9 : vs_open(&tg_devs[di]);
+  if (rc) {
+    tg_printf("TG pause error=vsock-setup rc=%d result=fail\n", rc);
+    tg_result("pause", 0);
+    return -1;
+  }
+  vs_opened = 1;
+  return 0;
+}
+
+/* The snapshot point: the host pauses and snapshots the VM while it spins
+ * here (at CPL3, touching nothing but the event ring), and kills it. Only a
+ * restore delivers VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, which ends the wait;
+ * the guest then re-reads its CID as the spec asks (5.10.6.4). */
+void tg_pause_point(const char *name) {
+  tg_printf("TG pause point=%s cid=%lu waiting=transport-reset\n", name, vs.cid);
+  u64 start = rdtsc();
+  while (!virtq_has_used(&vs.evq) && rdtsc() - start < TG_TIMEOUT_CYCLES) cpu_relax();
+  int got = virtq_has_used(&vs.evq);
+  u32 event = 0xffffffffu, len = 0;
+  if (got) {
+    struct virtq_used_elem e = virtq_pop_used(&vs.evq);
+    len = e.len;
+    memcpy(&event, vs.evbufs + 8ul * e.id, 4);
+    virtq_publish(&vs.evq, (u16)e.id);
+    virtq_kick(&vs.evq);
+  }
+  u64 old_cid = vs.cid, cfg = vs.dev->base + VIRTIO_MMIO_CONFIG;
+  vs.cid = (u64)mmio_read32(cfg) | ((u64)mmio_read32(cfg + 4) << 32);
+  int ok = got && len >= 4 && event == 0;
+  tg_printf("TG vsock-reset point=%s event=%u len=%u old_cid=%lu cid=%lu result=%s\n", name, event, len, old_cid, vs.cid,
+            ok ? "pass" : "fail");
+  tg_result("vsock-reset", ok);
 }
 
 void vsock_bench(void) {

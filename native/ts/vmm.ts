@@ -48,6 +48,45 @@ export interface VmStats {
   firstEntryNs?: bigint;
   /** CLOCK_MONOTONIC when the VMM began creating the VM. */
   createdNs?: bigint;
+  /** CLOCK_MONOTONIC when Vm.restore began (restored VMs only): restore call → first vCPU entry is firstEntryNs - restoredNs. */
+  restoredNs?: bigint;
+  /** Restored VMs: whether VIRTIO_VSOCK_EVENT_TRANSPORT_RESET reached the guest (false when its vsock driver was not live). */
+  vsockResetSent?: boolean;
+}
+
+/** What Vm.snapshot wrote. */
+export interface SnapshotInfo {
+  dir: string;
+  /** Format version of the state file. */
+  version: number;
+  /** Guest RAM size. */
+  memoryBytes: number;
+  /** Bytes the sparse memory file occupies on disk. */
+  memoryFileBytes: number;
+  /** Bytes of non-zero guest pages written to it. */
+  memoryDataBytes: number;
+  cpus: number;
+  /** SHA-256 (hex) of the kernel the snapshot's memory was booted from. */
+  kernelSha256: string;
+  /** MSRs KVM lists but refused to read on this host (left out of the snapshot). */
+  refusedMsrs: number[];
+  /** vCPU state this KVM cannot save at all (e.g. no XSAVE ioctls), with the reason. */
+  skipped: string[];
+  durationNs: bigint;
+}
+
+export interface RestoreOptions {
+  /** A directory written by Vm.snapshot. */
+  snapshot: string;
+  /** File receiving the restored VM's serial output (created or truncated). */
+  serialLog: string;
+  /** The snapshot's disks re-opened: same count, order, readOnly and size, else SnapshotError. */
+  disks?: DiskConfig[];
+  /** Required when the snapshot has vsock; the guest gets a transport-reset event and re-reads the CID. */
+  vsock?: { cid: number; udsPath: string };
+  kvmDevice?: string;
+  /** Re-read the whole memory file and check its checksum first (slow; off by default). */
+  verifyMemory?: boolean;
 }
 
 /** Every error the VMM raises; `op` names the failing operation, `code` the errno name when there is one. */
@@ -71,6 +110,8 @@ export class DeviceError extends VmmError {}
 export class GuestMemoryError extends VmmError {}
 /** The config or call is wrong: what was asked and how to fix it is in the message. */
 export class InvalidArgumentError extends VmmError {}
+/** A snapshot is corrupt, truncated, of an unknown version, from another CPU/KVM, or does not fit the devices given. */
+export class SnapshotError extends VmmError {}
 
 const errorClasses: Record<string, new (m: string, i?: { op?: string; code?: string; errno?: number }) => VmmError> = {
   KvmError,
@@ -78,6 +119,7 @@ const errorClasses: Record<string, new (m: string, i?: { op?: string; code?: str
   DeviceError,
   GuestMemoryError,
   InvalidArgumentError,
+  SnapshotError,
 };
 
 function typed(e: unknown): unknown {
@@ -96,9 +138,11 @@ interface NativeVmHandle {
   wait(): Promise<VmExit>;
   stats(): VmStats;
   cmdline(): string;
+  snapshot(dir: string): Promise<SnapshotInfo>;
 }
 interface NativeAddon {
   createVm(config: VmConfig): Promise<NativeVmHandle>;
+  restoreVm(options: RestoreOptions): Promise<NativeVmHandle>;
   defaultKvmDevice(): string;
 }
 
@@ -151,6 +195,28 @@ export class Vm {
     }
   }
 
+  /**
+   * A new VM from a snapshot, paused-equivalent: nothing runs until start().
+   * RAM is the snapshot's memory file mapped copy-on-write (never copied);
+   * the disks are re-opened from `disks`, serial goes to `serialLog`, vsock
+   * gets the new cid/udsPath and the guest a transport-reset event.
+   */
+  static async restore(options: RestoreOptions): Promise<Vm> {
+    const bad = (what: string): never => {
+      throw new InvalidArgumentError(`invalid restore options: ${what}`, { op: 'restore VM' });
+    };
+    if (typeof options !== 'object' || options === null) bad('the options must be an object');
+    if (typeof options.snapshot !== 'string' || options.snapshot === '') bad('snapshot must be the directory Vm.snapshot wrote');
+    if (typeof options.serialLog !== 'string' || options.serialLog === '') bad('serialLog must be the path of a file to receive serial output');
+    if (options.vsock && (!Number.isInteger(options.vsock.cid) || options.vsock.cid < 3))
+      bad(`vsock.cid is ${options.vsock.cid}: guest CIDs start at 3 (0-2 are reserved)`);
+    try {
+      return new Vm(await native().restoreVm(options));
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
   /** The KVM device used when VmConfig.kvmDevice is not given. */
   static defaultKvmDevice(): string {
     return native().defaultKvmDevice();
@@ -186,6 +252,20 @@ export class Vm {
   /** Resolves once, when the VM has stopped and been torn down. */
   wait(): Promise<VmExit> {
     return this.done;
+  }
+
+  /**
+   * Writes the paused VM to `dir` (created; must not exist or be empty): a
+   * state file (versioned header, per-section checksums, vCPU/VM/device state,
+   * the config that matters, host CPU fingerprint, kernel/initrd hashes) and a
+   * sparse memory file. InvalidArgumentError unless the VM is paused.
+   */
+  async snapshot(dir: string): Promise<SnapshotInfo> {
+    try {
+      return await this.handle.snapshot(dir);
+    } catch (e) {
+      throw typed(e);
+    }
   }
 
   stats(): VmStats {

@@ -4,41 +4,10 @@
 // beyond noise. Each guest touches 8 MiB of its RAM so a leaked mapping would
 // show up as ~8 MiB of RSS per VM.
 import { strict as assert } from 'node:assert';
-import { readFileSync, readdirSync, readlinkSync } from 'node:fs';
 import { Vm } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import { asm, writeImage } from './vm-images';
-import { Scratch, exitWithin } from './vm-helpers';
-
-interface Usage {
-  fds: number;
-  threads: number;
-  vcpuThreads: number;
-  memfds: number;
-  rssKiB: number;
-}
-
-function usage(): Usage {
-  const fds = readdirSync('/proc/self/fd');
-  let memfds = 0;
-  for (const fd of fds) {
-    try {
-      if (readlinkSync(`/proc/self/fd/${fd}`).startsWith('/memfd:')) memfds++;
-    } catch {
-      // the fd readdir itself used is gone by now
-    }
-  }
-  let vcpuThreads = 0;
-  for (const t of readdirSync('/proc/self/task')) {
-    try {
-      if (readFileSync(`/proc/self/task/${t}/comm`, 'utf8').startsWith('vmlet-vcpu')) vcpuThreads++;
-    } catch {
-      // the thread ended while we looked
-    }
-  }
-  const rss = /VmRSS:\s+(\d+) kB/.exec(readFileSync('/proc/self/status', 'utf8'));
-  return { fds: fds.length, threads: readdirSync('/proc/self/task').length, vcpuThreads, memfds, rssKiB: rss ? Number(rss[1]) : NaN };
-}
+import { Scratch, exitWithin, usage } from './vm-helpers';
 
 // Touch one byte in each of 2048 pages from 2 MiB up, then exit with 0.
 const touch8MiB = [

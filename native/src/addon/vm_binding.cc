@@ -14,41 +14,14 @@
 #include <memory>
 #include <string>
 
+#include "addon/async.h"
 #include "addon/registry.h"
+#include "addon/snapshot_binding.h"
 #include "core/error.h"
 #include "kvm/machine.h"
 
 namespace vmlet::addon {
 namespace {
-
-struct ErrorInfo {
-  std::string message;
-  std::string name = "VmmError";
-  std::string op;
-  int err = 0;
-};
-
-ErrorInfo Capture(const std::exception& e) {
-  ErrorInfo info;
-  info.message = e.what();
-  if (auto* v = dynamic_cast<const VmmError*>(&e)) {
-    info.name = ErrorKindName(v->kind());
-    info.op = v->op();
-    info.err = v->error_number();
-  }
-  return info;
-}
-
-Napi::Value ToJsError(Napi::Env env, const ErrorInfo& info) {
-  Napi::Error err = Napi::Error::New(env, info.message);
-  err.Set("name", Napi::String::New(env, info.name));
-  if (!info.op.empty()) err.Set("op", Napi::String::New(env, info.op));
-  if (info.err) {
-    err.Set("errno", Napi::Number::New(env, info.err));
-    if (const char* code = strerrorname_np(info.err)) err.Set("code", Napi::String::New(env, code));
-  }
-  return err.Value();
-}
 
 [[noreturn]] void ThrowInvalid(Napi::Env env, const std::string& msg) {
   ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "create VM", msg));
@@ -138,30 +111,6 @@ Napi::Object ExitToJs(Napi::Env env, const kvm::VmExit& e) {
   return o;
 }
 
-// An AsyncWorker that settles a promise, rejecting with a typed VmmError.
-class PromiseWorker : public Napi::AsyncWorker {
- public:
-  explicit PromiseWorker(Napi::Env env) : Napi::AsyncWorker(env), deferred_(Napi::Promise::Deferred::New(env)) {}
-  Napi::Promise Promise() { return deferred_.Promise(); }
-
- protected:
-  virtual void Work() = 0;
-  virtual Napi::Value Result(Napi::Env env) = 0;
-  void Execute() override {
-    try {
-      Work();
-    } catch (const std::exception& e) {
-      error_ = Capture(e);
-      SetError(error_.message);
-    }
-  }
-  void OnOK() override { deferred_.Resolve(Result(Env())); }
-  void OnError(const Napi::Error&) override { deferred_.Reject(ToJsError(Env(), error_)); }
-
-  Napi::Promise::Deferred deferred_;
-  ErrorInfo error_;
-};
-
 class VmHandle : public Napi::ObjectWrap<VmHandle> {
  public:
   static Napi::FunctionReference* constructor;
@@ -171,7 +120,8 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
                                    {InstanceMethod("start", &VmHandle::Start), InstanceMethod("pause", &VmHandle::Pause),
                                     InstanceMethod("resume", &VmHandle::Resume), InstanceMethod("kill", &VmHandle::Kill),
                                     InstanceMethod("wait", &VmHandle::Wait), InstanceMethod("stats", &VmHandle::Stats),
-                                    InstanceMethod("cmdline", &VmHandle::Cmdline)});
+                                    InstanceMethod("cmdline", &VmHandle::Cmdline),
+                                    InstanceMethod("snapshot", &VmHandle::Snapshot)});
     constructor = new Napi::FunctionReference(Napi::Persistent(f));
     env.SetInstanceData<Napi::FunctionReference>(constructor);
     exports.Set("VmHandle", f);
@@ -308,10 +258,20 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
     o.Set("exits", exits);
     o.Set("createdNs", Napi::BigInt::New(env, s.created_ns));
     if (s.first_entry_ns) o.Set("firstEntryNs", Napi::BigInt::New(env, s.first_entry_ns));
+    if (s.restored_ns) {
+      o.Set("restoredNs", Napi::BigInt::New(env, s.restored_ns));
+      o.Set("vsockResetSent", Napi::Boolean::New(env, machine_->vsock_reset_sent()));
+    }
     return o;
   }
 
   Napi::Value Cmdline(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), machine_->cmdline()); }
+
+  Napi::Value Snapshot(const Napi::CallbackInfo& info) {
+    if (teardown_started_)
+      ThrowVmmError(info.Env(), VmmError(ErrorKind::InvalidArgument, "snapshot VM", "the VM was killed or has exited"));
+    return SnapshotMachine(info, Value(), machine_.get());
+  }
 
   std::unique_ptr<kvm::Machine> machine_;
   Napi::ThreadSafeFunction tsfn_;

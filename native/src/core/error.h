@@ -17,6 +17,7 @@ enum class ErrorKind {
   Device,       // a device could not be set up (backing file, socket)
   Guest,        // the guest itself failed (triple fault, emulation failure)
   Image,        // a layer/image could not be converted
+  Snapshot,     // a snapshot is corrupt, truncated, of another version, CPU or config
   InvalidArgument,
 };
 
@@ -55,6 +56,7 @@ inline const char* ErrorKindName(ErrorKind k) {
     case ErrorKind::Device: return "DeviceError";
     case ErrorKind::Guest: return "GuestError";
     case ErrorKind::Image: return "ImageError";
+    case ErrorKind::Snapshot: return "SnapshotError";
     case ErrorKind::InvalidArgument: return "InvalidArgumentError";
   }
   return "VmmError";

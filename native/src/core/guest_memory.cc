@@ -1,6 +1,8 @@
 #include "core/guest_memory.h"
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "core/error.h"
@@ -39,6 +41,41 @@ GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layou
     regions_.push_back(MemoryRegion{gpa, size, static_cast<uint8_t*>(p), off});
     off += size;
   }
+}
+
+GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const PrivateFile& file) {
+  if (layout.empty()) throw VmmError(ErrorKind::Memory, "map guest memory file", "no regions given");
+  for (auto& [gpa, size] : layout) {
+    if (size == 0 || size % kPage || gpa % kPage || gpa + size < gpa)
+      throw VmmError(ErrorKind::Memory, "map guest memory file",
+                     "region at " + std::to_string(gpa) + " of " + std::to_string(size) + " bytes is not page aligned");
+    total_ += size;
+  }
+  int fd = open(file.path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw SysError(ErrorKind::Memory, "open guest memory file", file.path);
+  struct stat st {};
+  if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < total_) {
+    close(fd);
+    throw VmmError(ErrorKind::Memory, "map guest memory file",
+                   file.path + " is " + std::to_string(st.st_size) + " bytes, less than the " + std::to_string(total_) + " bytes of RAM");
+  }
+  uint64_t off = 0;
+  for (auto& [gpa, size] : layout) {
+    // Writable private mapping of a read-only fd: writes go to anonymous
+    // copies, the file is never written.
+    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, static_cast<off_t>(off));
+    if (p == MAP_FAILED) {
+      auto e = SysError(ErrorKind::Memory, "mmap guest memory file", file.path);
+      for (auto& r : regions_) munmap(r.host, r.size);
+      close(fd);
+      throw e;
+    }
+    regions_.push_back(MemoryRegion{gpa, size, static_cast<uint8_t*>(p), off});
+    off += size;
+  }
+  // The mappings keep the file; no fd needs to stay open per VM.
+  close(fd);
+  private_file_ = true;
 }
 
 GuestMemory::~GuestMemory() {

@@ -40,6 +40,16 @@ class GuestMemory {
   // Sizes must be page multiples. Throws VmmError(Memory) on failure.
   explicit GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout,
                        const std::string& name = "vmlet-guest-ram");
+  // A restored VM's RAM: each region mapped MAP_PRIVATE from `path` at its
+  // offset in the layout (copy-on-write: a page is read from the file when
+  // first touched and copied only when the guest writes it; never copied up
+  // front). The file must be at least the layout's total size. Hazard: a
+  // page the guest never wrote is still the file's, so the file must not
+  // change while a VM maps it. fd() is -1 in this mode.
+  struct PrivateFile {
+    std::string path;
+  };
+  GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const PrivateFile& file);
   ~GuestMemory();
   GuestMemory(const GuestMemory&) = delete;
   GuestMemory& operator=(const GuestMemory&) = delete;
@@ -47,6 +57,7 @@ class GuestMemory {
   const std::vector<MemoryRegion>& regions() const { return regions_; }
   int fd() const { return fd_; }
   uint64_t total_size() const { return total_; }
+  bool private_file() const { return private_file_; }
 
   // The single checked translation. nullopt when any byte of the range is
   // outside one region, or gpa+len overflows. len == 0 is valid only inside RAM.
@@ -77,6 +88,7 @@ class GuestMemory {
   int fd_ = -1;
   uint64_t total_ = 0;
   std::vector<MemoryRegion> regions_;
+  bool private_file_ = false;
 };
 
 }  // namespace vmlet

@@ -92,6 +92,30 @@ class VirtioBlk : public VirtioDevice {
   // Only `writeback` (with CONFIG_WCE) is writable in the spec; we offer neither.
   void WriteConfig(uint64_t, const uint8_t*, uint32_t) override {}
 
+  // The guest has read the capacity and the read-only bit and sized its
+  // caches and filesystems by them: a restore onto another disk shape is
+  // refused rather than shown to a driver that will not look again.
+  void SaveState(snapshot::Writer& w) const override {
+    w.U64(capacity_);
+    w.Bool(read_only_);
+    w.Str(id_);
+  }
+  void RestoreState(snapshot::Reader& r) override {
+    uint64_t capacity = r.U64();
+    bool ro = r.Bool();
+    std::string id = r.Str(blk::kIdBytes);
+    r.ExpectEnd();
+    if (capacity != capacity_)
+      throw VmmError(ErrorKind::Snapshot, "restore virtio-blk",
+                     "the snapshot's disk had " + std::to_string(capacity) + " sectors, the disk given now has " +
+                         std::to_string(capacity_) + ": pass a disk of the same size, in the same order");
+    if (ro != read_only_)
+      throw VmmError(ErrorKind::Snapshot, "restore virtio-blk",
+                     std::string("the snapshot's disk was ") + (ro ? "read-only" : "writable") + ", the disk given now is " +
+                         (read_only_ ? "read-only" : "writable") + ": pass the same readOnly");
+    (void)id;  // the answer to GET_ID is the new config's: an id names the disk, not its contents
+  }
+
   void Activate(GuestMemory* mem, std::vector<Queue*> queues, std::shared_ptr<InterruptSink> irq) override {
     std::lock_guard<std::mutex> lock(mu_);
     mem_ = mem;

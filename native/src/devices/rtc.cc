@@ -1,5 +1,7 @@
 #include "devices/rtc.h"
 
+#include <cstring>
+
 namespace vmlet::devices {
 
 namespace {
@@ -65,6 +67,22 @@ void Rtc::Write(uint64_t offset, const uint8_t* data, uint32_t len) {
       break;
     default: cmos_[index_] = data[0]; break;
   }
+}
+
+void Rtc::SaveState(snapshot::Writer& w) {
+  std::lock_guard<std::mutex> g(mu_);
+  w.U8(index_);
+  w.Bytes(cmos_, sizeof cmos_);
+}
+
+void Rtc::RestoreState(snapshot::Reader& r) {
+  std::lock_guard<std::mutex> g(mu_);
+  uint8_t index = r.U8();
+  std::vector<uint8_t> cmos = r.Bytes(sizeof cmos_);
+  if (cmos.size() != sizeof cmos_ || index > 0x7f) r.Fail("CMOS state of the wrong size");
+  r.ExpectEnd();
+  index_ = index;
+  std::memcpy(cmos_, cmos.data(), sizeof cmos_);
 }
 
 }  // namespace vmlet::devices

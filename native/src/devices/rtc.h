@@ -12,6 +12,7 @@
 #include <mutex>
 
 #include "core/bus.h"
+#include "snapshot/stream.h"
 
 namespace vmlet::devices {
 
@@ -24,6 +25,10 @@ class Rtc : public BusDevice {
 
   void Read(uint64_t offset, uint8_t* data, uint32_t len) override;
   void Write(uint64_t offset, const uint8_t* data, uint32_t len) override;
+
+  // Snapshot: the index register and CMOS RAM (the time is the host's).
+  void SaveState(snapshot::Writer& w);
+  void RestoreState(snapshot::Reader& r);
 
   // Register indexes (MC146818 datasheet; Linux include/linux/mc146818rtc.h).
   enum : uint8_t {

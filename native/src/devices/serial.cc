@@ -164,4 +164,21 @@ void Serial::WriteReg(uint64_t offset, uint8_t v) {
   UpdateInterrupt(was);
 }
 
+void Serial::SaveState(snapshot::Writer& w) const {
+  std::lock_guard<std::mutex> g(mu_);
+  for (uint8_t v : {ier_, lcr_, mcr_, scr_, fcr_, dll_, dlm_}) w.U8(v);
+  w.Bool(thre_pending_);
+  std::string rx(rx_.begin(), rx_.end());
+  w.Str(rx);
+}
+
+void Serial::RestoreState(snapshot::Reader& r) {
+  std::lock_guard<std::mutex> g(mu_);
+  for (uint8_t* v : {&ier_, &lcr_, &mcr_, &scr_, &fcr_, &dll_, &dlm_}) *v = r.U8();
+  thre_pending_ = r.Bool();
+  std::string rx = r.Str(kRxMax);
+  rx_.assign(rx.begin(), rx.end());
+  r.ExpectEnd();
+}
+
 }  // namespace vmlet::devices

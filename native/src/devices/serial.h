@@ -14,6 +14,7 @@
 #include <string>
 
 #include "core/bus.h"
+#include "snapshot/stream.h"
 
 namespace vmlet::devices {
 
@@ -33,6 +34,11 @@ class Serial : public BusDevice {
   // Writes anything still buffered (after a short write) to the log.
   void Flush();
   uint64_t bytes_written() const;
+
+  // Snapshot: the register file and pending receive bytes (the log is the
+  // new VM's; output already written stays in the old one).
+  void SaveState(snapshot::Writer& w) const;
+  void RestoreState(snapshot::Reader& r);
 
  private:
   uint8_t ReadReg(uint64_t offset);

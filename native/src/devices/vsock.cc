@@ -140,6 +140,21 @@ class VirtioVsock : public VirtioDevice {
   }
   void WriteConfig(uint64_t, const uint8_t*, uint32_t) override {}  // guest_cid is read-only
 
+  // Connections are not carried across a snapshot (their host sockets belong
+  // to the old VM): the restore sends a transport reset instead, after which
+  // the guest re-reads the CID, which may differ.
+  void SaveState(snapshot::Writer& w) const override { w.U64(cfg_.guest_cid); }
+  // The event loop touches rings and guest memory only under mu_: holding it
+  // parks the loop (host sockets just queue meanwhile).
+  void QuiesceForSnapshot() override { quiesce_ = std::unique_lock<std::mutex>(mu_); }
+  void EndQuiesceForSnapshot() override {
+    if (quiesce_.owns_lock()) quiesce_.unlock();
+  }
+  void RestoreState(snapshot::Reader& r) override {
+    r.U64();
+    r.ExpectEnd();
+  }
+
   void Activate(GuestMemory* mem, std::vector<Queue*> queues, std::shared_ptr<InterruptSink> irq) override {
     std::lock_guard<std::mutex> lock(mu_);
     if (queues.size() < 3) return;
@@ -723,6 +738,7 @@ class VirtioVsock : public VirtioDevice {
   std::thread thread_;
 
   std::mutex mu_;
+  std::unique_lock<std::mutex> quiesce_;  // held by a snapshot between Quiesce and EndQuiesce
   bool active_ = false;
   GuestMemory* mem_ = nullptr;
   Queue* rx_ = nullptr;

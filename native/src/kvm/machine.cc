@@ -23,6 +23,7 @@
 
 #include "devices/blk.h"
 #include "devices/vsock.h"
+#include "snapshot/snapshot.h"
 #include "virtio/mmio.h"
 
 namespace vmlet::kvm {
@@ -150,7 +151,7 @@ Machine::~Machine() {
   }
 }
 
-void Machine::Build(const MachineConfig& config) {
+void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
   // 254: APIC ids are 8 bits, 0xff is broadcast, and the IOAPIC takes one.
   if (config.cpus < 1 || config.cpus > 254)
     throw VmmError(ErrorKind::InvalidArgument, "create VM", "cpus is " + std::to_string(config.cpus) + ": use 1..254");
@@ -159,6 +160,12 @@ void Machine::Build(const MachineConfig& config) {
                    "memory of " + std::to_string(config.memory_bytes) + " bytes: use at least 2 MiB, in whole pages");
   cpus_ = config.cpus;
   mask_kvm_paravirt_ = config.mask_kvm_paravirt;
+  config_ = config;
+  // Stat only (cheap); the snapshot hashes and compares it against this.
+  if (!image) {
+    kernel_id_ = snapshot::FileIdentity::Stat(config.boot.kernel);
+    if (!config.boot.initrd.empty()) initrd_id_ = snapshot::FileIdentity::Stat(config.boot.initrd);
+  }
 
   kvm_ = std::make_unique<Kvm>(config.kvm_device.empty() ? DefaultDevicePath() : config.kvm_device);
   int max_vcpus = kvm_->CheckExtension(KVM_CAP_MAX_VCPUS);
@@ -180,7 +187,8 @@ void Machine::Build(const MachineConfig& config) {
   pit.flags = KVM_PIT_SPEAKER_DUMMY;
   if (ioctl(vm_fd_, KVM_CREATE_PIT2, &pit) != 0) throw SysError(ErrorKind::Kvm, "KVM_CREATE_PIT2");
 
-  mem_ = std::make_unique<GuestMemory>(boot::RamLayout(config.memory_bytes));
+  if (image) mem_ = std::make_unique<GuestMemory>(boot::RamLayout(config.memory_bytes), GuestMemory::PrivateFile{image->memory_path});
+  else mem_ = std::make_unique<GuestMemory>(boot::RamLayout(config.memory_bytes));
   uint32_t slot = 0;
   for (auto& r : mem_->regions()) {
     kvm_userspace_memory_region region{};
@@ -208,7 +216,8 @@ void Machine::Build(const MachineConfig& config) {
                 RequestStop(std::move(e));
               }));
   pio_.Insert(0x80, 1, std::make_shared<PostCodePort>());
-  pio_.Insert(devices::Rtc::kBase, devices::Rtc::kSize, std::make_shared<devices::Rtc>());
+  rtc_ = std::make_shared<devices::Rtc>();
+  pio_.Insert(devices::Rtc::kBase, devices::Rtc::kSize, rtc_);
 
   // virtio-mmio devices: disks, then vsock; window i at base + i*4K on GSI 5+i.
   cmdline_ = config.boot.cmdline;
@@ -226,6 +235,7 @@ void Machine::Build(const MachineConfig& config) {
     if (!mmio_.Insert(base, MmioTransport::kWindowSize, transport))
       throw VmmError(ErrorKind::Device, "insert virtio-mmio device", "window " + Hex(base) + " overlaps another");
     virtio_devices_.push_back(std::move(dev));
+    transports_.push_back(transport);
     char entry[64];
     snprintf(entry, sizeof entry, "virtio_mmio.device=4K@0x%llx:%u", static_cast<unsigned long long>(base), gsi);
     if (!cmdline_.empty()) cmdline_ += ' ';
@@ -246,13 +256,16 @@ void Machine::Build(const MachineConfig& config) {
     add_virtio(MakeVirtioVsock(vc));
   }
 
-  boot::BootSpec spec = config.boot;
-  spec.cmdline = cmdline_;
-  plan_ = boot::LoadKernel(*mem_, spec);
-  boot::WriteMpTable(*mem_, config.cpus);
+  // A restored VM's kernel, tables and everything else are in its memory file.
+  if (!image) {
+    boot::BootSpec spec = config.boot;
+    spec.cmdline = cmdline_;
+    plan_ = boot::LoadKernel(*mem_, spec);
+    boot::WriteMpTable(*mem_, config.cpus);
+  }
 
   for (uint32_t i = 0; i < config.cpus; i++) CreateVcpu(i);
-  SetupBootRegisters(vcpus_[0]);
+  if (!image) SetupBootRegisters(vcpus_[0]);
 }
 
 void Machine::CreateVcpu(uint32_t index) {
@@ -677,6 +690,8 @@ void Machine::ReleaseResources() {
   mmio_ = Bus();
   pio_ = Bus();
   virtio_devices_.clear();
+  transports_.clear();
+  rtc_.reset();
   serial_.reset();
   for (auto& v : vcpus_) {
     if (v.run) munmap(v.run, kvm_->vcpu_mmap_size());
@@ -693,6 +708,7 @@ MachineStats Machine::Stats() const {
   MachineStats s;
   s.created_ns = created_ns_;
   s.first_entry_ns = first_entry_ns_.load();
+  s.restored_ns = restored_ns_;
   for (size_t i = 0; i < exit_counts_.size(); i++) {
     uint64_t n = exit_counts_[i].load(std::memory_order_relaxed);
     if (!n) continue;

@@ -27,12 +27,21 @@
 #include "core/bus.h"
 #include "core/guest_memory.h"
 #include "kvm/kvm.h"
+#include "snapshot/identity.h"
 
 namespace vmlet::virtio {
 class VirtioDevice;
 }
 namespace vmlet::devices {
 class Serial;
+class Rtc;
+}
+namespace vmlet {
+class MmioTransport;
+}
+namespace vmlet::snapshot {
+struct Image;
+struct Summary;
 }
 
 namespace vmlet::kvm {
@@ -74,6 +83,7 @@ struct MachineStats {
   std::vector<std::pair<std::string, uint64_t>> exits;  // by reason name, nonzero only
   uint64_t created_ns = 0;      // CLOCK_MONOTONIC when construction began
   uint64_t first_entry_ns = 0;  // CLOCK_MONOTONIC of the first KVM_RUN; 0 before it
+  uint64_t restored_ns = 0;     // CLOCK_MONOTONIC when a restore began; 0 for a booted VM
 };
 
 class Machine {
@@ -81,6 +91,12 @@ class Machine {
   // Throws VmmError (Kvm, Memory, Boot, Device, InvalidArgument); on throw
   // everything already allocated is released.
   explicit Machine(const MachineConfig& config);
+  // Restore (snapshot/machine_snapshot.cc): `config` comes from
+  // snapshot::RestoreConfig; RAM is the image's memory file mapped
+  // copy-on-write, vCPU/VM/device state the image's. Nothing runs until
+  // Start. Throws VmmError (Snapshot for state this host or these devices
+  // cannot take); on throw everything is released.
+  Machine(const MachineConfig& config, const snapshot::Image& image, uint64_t restore_began_ns);
   ~Machine();
   Machine(const Machine&) = delete;
   Machine& operator=(const Machine&) = delete;
@@ -104,6 +120,15 @@ class Machine {
   // Blocking and idempotent: stops the VM if still running, joins, frees.
   VmExit Teardown();
 
+  // The VM must be paused (every vCPU parked): writes dir/ (created, or
+  // existing and empty). Throws VmmError(InvalidArgument) when not paused,
+  // (Snapshot) when the directory or the state cannot be written.
+  snapshot::Summary Snapshot(const std::string& dir);
+  bool paused() const;
+  // Whether the restore delivered VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (false
+  // for a booted VM, or when the guest's vsock driver was not live).
+  bool vsock_reset_sent() const { return vsock_reset_sent_; }
+
   MachineStats Stats() const;
   bool started() const { return started_; }
   // The kernel command line as the guest sees it (virtio_mmio.device=... appended).
@@ -117,7 +142,8 @@ class Machine {
     kvm_run* run = nullptr;
   };
 
-  void Build(const MachineConfig& config);
+  void Build(const MachineConfig& config, const snapshot::Image* image = nullptr);
+  void RestoreState(const snapshot::Image& image);
   void CreateVcpu(uint32_t index);
   void SetupCpuid(Vcpu& v);
   void SetupMsrs(Vcpu& v);
@@ -144,6 +170,15 @@ class Machine {
   bool mask_kvm_paravirt_ = false;
   boot::BootPlan plan_;
   std::string cmdline_;
+
+  // What a snapshot records of how this VM was made.
+  std::vector<std::shared_ptr<MmioTransport>> transports_;  // by virtio-mmio slot
+  std::shared_ptr<devices::Rtc> rtc_;
+  MachineConfig config_;
+  snapshot::FileIdentity kernel_id_;
+  snapshot::FileIdentity initrd_id_;  // path empty: no initrd
+  uint64_t restored_ns_ = 0;
+  bool vsock_reset_sent_ = false;
 
   // Run state, guarded by mu_.
   mutable std::mutex mu_;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/guest_memory.h"
+#include "snapshot/stream.h"
 #include "virtio/queue.h"
 
 namespace vmlet::virtio {
@@ -62,6 +63,17 @@ class VirtioDevice {
   virtual void Reset() = 0;
   // VM teardown: stop and join any thread the device owns. Idempotent.
   virtual void Shutdown() {}
+  // Snapshot (VM paused, device quiesced): the device's own state beyond
+  // what the transport holds. RestoreState runs on a freshly made device
+  // before the transport re-activates it, and throws VmmError(Snapshot) when
+  // the new backing (a disk of another size) cannot carry the saved state.
+  virtual void SaveState(snapshot::Writer& /*w*/) const {}
+  // Around a snapshot (vCPUs parked, same thread for both calls): a device
+  // whose own threads write guest memory or queue state stops them, so the
+  // queue indexes saved and the rings in the memory file agree.
+  virtual void QuiesceForSnapshot() {}
+  virtual void EndQuiesceForSnapshot() {}
+  virtual void RestoreState(snapshot::Reader& r) { r.ExpectEnd(); }
 };
 
 }  // namespace vmlet::virtio

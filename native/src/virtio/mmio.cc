@@ -234,4 +234,90 @@ void MmioTransport::ResetLocked() {
   shared_->status.store(0);
 }
 
+void MmioTransport::SaveState(snapshot::Writer& w) {
+  std::lock_guard<std::mutex> lock(mu_);
+  w.U32(dev_->device_id());
+  w.U64(device_features_);
+  w.U32(device_features_sel_);
+  w.U32(driver_features_sel_);
+  w.U64(driver_features_);
+  w.U32(queue_sel_);
+  w.Bool(activated_);
+  w.U32(shared_->status.load());
+  w.U32(shared_->interrupt_status.load());
+  w.U32(shared_->config_generation.load());
+  w.U32(static_cast<uint32_t>(queues_.size()));
+  for (auto& q : queues_) {
+    w.U16(q.max_size);
+    w.U16(q.size);
+    w.Bool(q.ready);
+    w.U64(q.desc_table);
+    w.U64(q.avail_ring);
+    w.U64(q.used_ring);
+    w.Bool(q.event_idx);
+    w.Bool(q.indirect_allowed);
+    w.U16(q.next_avail);
+    w.U16(q.next_used);
+    w.Bool(q.broken);
+    w.U16(q.signalled_used);
+    w.Bool(q.signalled_used_valid);
+  }
+  snapshot::Writer dev;
+  dev_->SaveState(dev);
+  w.Bytes(dev.data().data(), dev.data().size());
+}
+
+void MmioTransport::RestoreState(snapshot::Reader& r) {
+  std::lock_guard<std::mutex> lock(mu_);
+  uint32_t id = r.U32();
+  if (id != dev_->device_id())
+    r.Fail("the snapshot has virtio device id " + std::to_string(id) + " in this slot, the VM now has " +
+           std::to_string(dev_->device_id()));
+  uint64_t features = r.U64();
+  if (features != device_features_)
+    r.Fail("the device offered other features when the snapshot was taken (a read-only disk now writable, or the reverse?)");
+  device_features_sel_ = r.U32();
+  driver_features_sel_ = r.U32();
+  driver_features_ = r.U64();
+  queue_sel_ = r.U32();
+  bool activated = r.Bool();
+  uint32_t status = r.U32();
+  uint32_t interrupt_status = r.U32();
+  uint32_t generation = r.U32();
+  uint32_t nq = r.U32();
+  if (nq != queues_.size()) r.Fail(std::to_string(nq) + " queues where the device has " + std::to_string(queues_.size()));
+  for (auto& q : queues_) {
+    if (r.U16() != q.max_size) r.Fail("a queue's maximum size changed");
+    q.size = r.U16();
+    q.ready = r.Bool();
+    q.desc_table = r.U64();
+    q.avail_ring = r.U64();
+    q.used_ring = r.U64();
+    q.event_idx = r.Bool();
+    q.indirect_allowed = r.Bool();
+    q.next_avail = r.U16();
+    q.next_used = r.U16();
+    q.broken = r.Bool();
+    q.signalled_used = r.U16();
+    q.signalled_used_valid = r.Bool();
+    // The same checks QueueReady made when the driver enabled it: a queue
+    // the state file claims is ready must really fit this VM's RAM.
+    if (q.ready && !q.Validate(*mem_).empty()) r.Fail("a ready queue does not fit guest RAM: " + q.Validate(*mem_));
+  }
+  std::vector<uint8_t> dev = r.Bytes();
+  r.ExpectEnd();
+  snapshot::Reader dr(dev.data(), dev.size(), "virtio device " + std::to_string(id));
+  dev_->RestoreState(dr);
+  shared_->status.store(status);
+  shared_->interrupt_status.store(interrupt_status);
+  shared_->config_generation.store(generation);
+  if (status & kStatusFeaturesOk) dev_->AckFeatures(driver_features_);
+  if (activated) {
+    std::vector<Queue*> qs;
+    for (auto& q : queues_) qs.push_back(&q);
+    activated_ = true;
+    dev_->Activate(mem_, std::move(qs), sink_);
+  }
+}
+
 }  // namespace vmlet

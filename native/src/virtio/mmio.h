@@ -34,6 +34,13 @@ class MmioTransport : public BusDevice {
   // For diagnostics and tests: the driver-visible Status register.
   uint32_t status() const;
 
+  // Snapshot: registers, queue configuration and progress, then the
+  // device's own state. RestoreState on a fresh transport (nothing written by
+  // a driver yet) re-activates the device when the snapshot's was live; it
+  // throws VmmError(Snapshot) when the state does not fit this device.
+  void SaveState(snapshot::Writer& w);
+  void RestoreState(snapshot::Reader& r);
+
   // Register offsets (virtio 1.x 4.2.2).
   enum Reg : uint64_t {
     kMagicValue = 0x000,

@@ -1,0 +1,141 @@
+#include "addon/snapshot_binding.h"
+
+#include <memory>
+#include <string>
+
+#include "addon/async.h"
+#include "addon/registry.h"
+#include "core/error.h"
+#include "snapshot/snapshot.h"
+
+namespace vmlet::addon {
+namespace {
+
+[[noreturn]] void Invalid(Napi::Env env, const std::string& op, const std::string& msg) {
+  ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, op, msg));
+}
+
+Napi::Object SummaryToJs(Napi::Env env, const snapshot::Summary& s) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("dir", s.dir);
+  o.Set("version", Napi::Number::New(env, s.version));
+  o.Set("memoryBytes", Napi::Number::New(env, static_cast<double>(s.memory_bytes)));
+  o.Set("memoryFileBytes", Napi::Number::New(env, static_cast<double>(s.memory_file_bytes)));
+  o.Set("memoryDataBytes", Napi::Number::New(env, static_cast<double>(s.memory_data_bytes)));
+  o.Set("cpus", Napi::Number::New(env, s.cpus));
+  o.Set("kernelSha256", s.kernel_sha256);
+  Napi::Array refused = Napi::Array::New(env, s.refused_msrs.size());
+  for (uint32_t i = 0; i < s.refused_msrs.size(); i++) refused.Set(i, Napi::Number::New(env, s.refused_msrs[i]));
+  o.Set("refusedMsrs", refused);
+  Napi::Array skipped = Napi::Array::New(env, s.skipped.size());
+  for (uint32_t i = 0; i < s.skipped.size(); i++) skipped.Set(i, s.skipped[i]);
+  o.Set("skipped", skipped);
+  o.Set("durationNs", Napi::BigInt::New(env, s.duration_ns));
+  return o;
+}
+
+class SnapshotWorker : public PromiseWorker {
+ public:
+  SnapshotWorker(const Napi::Object& handle, kvm::Machine* m, std::string dir)
+      : PromiseWorker(handle.Env()), handle_(Napi::Persistent(handle)), m_(m), dir_(std::move(dir)) {}
+  void Work() override { summary_ = m_->Snapshot(dir_); }
+  Napi::Value Result(Napi::Env env) override { return SummaryToJs(env, summary_); }
+
+ private:
+  Napi::ObjectReference handle_;
+  kvm::Machine* m_;
+  std::string dir_;
+  snapshot::Summary summary_;
+};
+
+class RestoreWorker : public PromiseWorker {
+ public:
+  RestoreWorker(Napi::Env env, snapshot::RestoreOptions o) : PromiseWorker(env), o_(std::move(o)) {}
+  void Work() override { machine_ = snapshot::Restore(o_); }
+  Napi::Value Result(Napi::Env env) override {
+    // vm_binding.cc's VmHandle constructor, kept as the module's instance data.
+    auto* ctor = env.GetInstanceData<Napi::FunctionReference>();
+    return ctor->New({Napi::External<kvm::Machine>::New(env, machine_.release())});
+  }
+
+ private:
+  snapshot::RestoreOptions o_;
+  std::unique_ptr<kvm::Machine> machine_;
+};
+
+std::string String(Napi::Env env, Napi::Object o, const char* key, bool required, const char* where) {
+  Napi::Value v = o.Get(key);
+  if (v.IsUndefined() && !required) return {};
+  if (!v.IsString() || v.As<Napi::String>().Utf8Value().empty())
+    Invalid(env, "restore VM", std::string(where) + key + " must be a non-empty string");
+  return v.As<Napi::String>().Utf8Value();
+}
+
+snapshot::RestoreOptions ParseRestore(Napi::Env env, Napi::Value value) {
+  if (!value.IsObject()) Invalid(env, "restore VM", "the restore options must be an object");
+  Napi::Object o = value.As<Napi::Object>();
+  snapshot::RestoreOptions r;
+  r.dir = String(env, o, "snapshot", true, "options.");
+  r.serial_log = String(env, o, "serialLog", true, "options.");
+  r.kvm_device = String(env, o, "kvmDevice", false, "options.");
+  Napi::Value verify = o.Get("verifyMemory");
+  r.verify_memory = verify.IsBoolean() && verify.As<Napi::Boolean>().Value();
+  Napi::Value disks = o.Get("disks");
+  if (!disks.IsUndefined()) {
+    if (!disks.IsArray()) Invalid(env, "restore VM", "options.disks must be an array");
+    Napi::Array a = disks.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); i++) {
+      Napi::Value d = a.Get(i);
+      if (!d.IsObject()) Invalid(env, "restore VM", "options.disks[" + std::to_string(i) + "] must be an object");
+      Napi::Object dobj = d.As<Napi::Object>();
+      kvm::DiskSpec spec;
+      spec.path = String(env, dobj, "path", true, "options.disks[].");
+      Napi::Value ro = dobj.Get("readOnly");
+      spec.read_only = ro.IsBoolean() && ro.As<Napi::Boolean>().Value();
+      spec.id = String(env, dobj, "id", false, "options.disks[].");
+      r.disks.push_back(spec);
+    }
+  }
+  Napi::Value vsock = o.Get("vsock");
+  if (!vsock.IsUndefined()) {
+    if (!vsock.IsObject()) Invalid(env, "restore VM", "options.vsock must be an object");
+    Napi::Object vo = vsock.As<Napi::Object>();
+    Napi::Value cid = vo.Get("cid");
+    if (!cid.IsNumber()) Invalid(env, "restore VM", "options.vsock.cid must be a number");
+    kvm::VsockSpec vs;
+    vs.guest_cid = static_cast<uint64_t>(cid.As<Napi::Number>().DoubleValue());
+    vs.uds_path = String(env, vo, "udsPath", true, "options.vsock.");
+    r.vsock = vs;
+  }
+  return r;
+}
+
+Napi::Value RestoreVm(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto* w = new RestoreWorker(env, ParseRestore(env, info[0]));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+void InitSnapshot(Napi::Env env, Napi::Object exports) {
+  exports.Set("restoreVm", Napi::Function::New(env, RestoreVm, "restoreVm"));
+}
+
+Registrar reg("snapshot", InitSnapshot);
+
+}  // namespace
+
+Napi::Value SnapshotMachine(const Napi::CallbackInfo& info, Napi::Object handle, kvm::Machine* machine) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString() || info[0].As<Napi::String>().Utf8Value().empty())
+    Invalid(env, "snapshot VM", "snapshot(dir): dir must be the path of a new or empty directory");
+  if (!machine->paused())
+    Invalid(env, "snapshot VM", "the VM is not paused: await vm.pause() before vm.snapshot()");
+  auto* w = new SnapshotWorker(handle, machine, info[0].As<Napi::String>().Utf8Value());
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
+}  // namespace vmlet::addon

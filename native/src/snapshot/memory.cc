@@ -1,0 +1,165 @@
+#include "snapshot/memory.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <vector>
+
+#include "core/error.h"
+#include "snapshot/stream.h"
+
+namespace vmlet::snapshot {
+
+namespace {
+
+constexpr uint64_t kPage = 4096;
+
+bool IsZeroPage(const uint8_t* p) {
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
+  for (size_t i = 0; i < kPage / 8; i += 4)
+    if (w[i] | w[i + 1] | w[i + 2] | w[i + 3]) return false;
+  return true;
+}
+
+__attribute__((target("sse4.2"))) uint32_t Crc32cSse42(const void* data, size_t len, uint32_t crc) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
+  uint64_t c = ~crc;
+  while (len >= 8) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    c = __builtin_ia32_crc32di(c, v);
+    p += 8;
+    len -= 8;
+  }
+  uint32_t c32 = static_cast<uint32_t>(c);
+  while (len--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+  return ~c32;
+}
+
+uint32_t PageCrc(uint32_t crc, uint64_t offset, const uint8_t* page) {
+  crc = Crc32cFast(&offset, sizeof offset, crc);
+  return Crc32cFast(page, kPage, crc);
+}
+
+// Calls fn(offset, length) for each data extent of fd within [begin, end).
+template <typename Fn>
+void ForEachDataExtent(int fd, uint64_t begin, uint64_t end, const std::string& what, Fn fn) {
+  uint64_t pos = begin;
+  while (pos < end) {
+    off_t data = lseek(fd, static_cast<off_t>(pos), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) return;  // only holes from here on
+      throw SysError(ErrorKind::Snapshot, "SEEK_DATA", what);
+    }
+    if (static_cast<uint64_t>(data) >= end) return;
+    off_t hole = lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) throw SysError(ErrorKind::Snapshot, "SEEK_HOLE", what);
+    uint64_t stop = std::min<uint64_t>(static_cast<uint64_t>(hole), end);
+    uint64_t first = static_cast<uint64_t>(data) & ~(kPage - 1);
+    fn(first, stop - first);
+    pos = stop;
+  }
+}
+
+void PwriteAll(int fd, const uint8_t* p, uint64_t len, uint64_t off, const std::string& path) {
+  while (len) {
+    ssize_t w = pwrite(fd, p, len, static_cast<off_t>(off));
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) throw SysError(ErrorKind::Snapshot, "write snapshot memory file", path);
+    p += w;
+    off += uint64_t(w);
+    len -= uint64_t(w);
+  }
+}
+
+}  // namespace
+
+uint32_t Crc32cFast(const void* data, size_t len, uint32_t crc) {
+  static const bool sse42 = __builtin_cpu_supports("sse4.2");
+  return sse42 ? Crc32cSse42(data, len, crc) : Crc32c(data, len, crc);
+}
+
+MemoryFileInfo WriteMemoryFile(const GuestMemory& mem, const std::string& path) {
+  int out = open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (out < 0) throw SysError(ErrorKind::Snapshot, "create snapshot memory file", path);
+  MemoryFileInfo info;
+  info.logical_bytes = mem.total_size();
+  try {
+    if (ftruncate(out, static_cast<off_t>(info.logical_bytes)) != 0)
+      throw SysError(ErrorKind::Snapshot, "size snapshot memory file", path);
+    // Pages are visited in file order, so the CRC is independent of how
+    // extents happen to be split.
+    auto scan = [&](const MemoryRegion& r, uint64_t rel, uint64_t len) {
+      uint64_t run_start = 0, run_len = 0;
+      auto flush = [&] {
+        if (run_len) PwriteAll(out, r.host + run_start, run_len, r.fd_offset + run_start, path);
+        run_len = 0;
+      };
+      for (uint64_t o = rel; o < rel + len && o < r.size; o += kPage) {
+        const uint8_t* page = r.host + o;
+        if (IsZeroPage(page)) {
+          flush();
+          continue;
+        }
+        info.crc = PageCrc(info.crc, r.fd_offset + o, page);
+        info.data_bytes += kPage;
+        if (!run_len) run_start = o;
+        run_len += kPage;
+      }
+      flush();
+    };
+    for (const auto& r : mem.regions()) {
+      if (mem.fd() >= 0) {
+        // Never-touched memfd extents are holes: reading them through the
+        // mapping would allocate pages just to find zeros.
+        ForEachDataExtent(mem.fd(), r.fd_offset, r.fd_offset + r.size, "guest RAM memfd",
+                          [&](uint64_t off, uint64_t len) { scan(r, off - r.fd_offset, len); });
+      } else {
+        scan(r, 0, r.size);
+      }
+    }
+    if (fdatasync(out) != 0) throw SysError(ErrorKind::Snapshot, "sync snapshot memory file", path);
+    struct stat st {};
+    if (fstat(out, &st) == 0) info.allocated_bytes = uint64_t(st.st_blocks) * 512;
+  } catch (...) {
+    close(out);
+    unlink(path.c_str());
+    throw;
+  }
+  close(out);
+  return info;
+}
+
+uint32_t MemoryFileCrc(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw SysError(ErrorKind::Snapshot, "open snapshot memory file", path);
+  struct stat st {};
+  fstat(fd, &st);
+  uint32_t crc = 0;
+  std::vector<uint8_t> buf(1u << 20);
+  try {
+    ForEachDataExtent(fd, 0, uint64_t(st.st_size), path, [&](uint64_t off, uint64_t len) {
+      for (uint64_t done = 0; done < len;) {
+        uint64_t want = std::min<uint64_t>(buf.size(), len - done);
+        ssize_t r = pread(fd, buf.data(), want, static_cast<off_t>(off + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) throw SysError(ErrorKind::Snapshot, "read snapshot memory file", path);
+        uint64_t whole = uint64_t(r) & ~(kPage - 1);
+        if (!whole) throw VmmError(ErrorKind::Snapshot, "read snapshot memory file", path + ": ends inside a page");
+        for (uint64_t o = 0; o < whole; o += kPage)
+          if (!IsZeroPage(buf.data() + o)) crc = PageCrc(crc, off + done + o, buf.data() + o);
+        done += whole;
+      }
+    });
+  } catch (...) {
+    close(fd);
+    throw;
+  }
+  close(fd);
+  return crc;
+}
+
+}  // namespace vmlet::snapshot

@@ -1,0 +1,272 @@
+// The snapshot state file and memory file without KVM: the container
+// round-trips, every truncation and every flipped bit is refused with
+// VmmError(Snapshot), a fingerprint of another CPU is refused, and the memory
+// file holds only non-zero pages and maps back copy-on-write.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "core/error.h"
+#include "snapshot/cpu_state.h"
+#include "snapshot/format.h"
+#include "snapshot/memory.h"
+#include "snapshot/snapshot.h"
+#include "testing.h"
+
+using namespace vmlet;
+using namespace vmlet::snapshot;
+
+namespace {
+
+std::vector<Section> SampleSections() {
+  std::vector<Section> s;
+  for (uint32_t id : {kSectionConfig, kSectionHost, kSectionVm, kSectionVcpu, kSectionDevice}) {
+    Section x;
+    x.id = id;
+    for (uint32_t i = 0; i < 40 + id % 7; i++) x.data.push_back(static_cast<uint8_t>(id * 31 + i));
+    s.push_back(x);
+  }
+  s.push_back(Section{kSectionRtc, {}});  // an empty section is legal
+  return s;
+}
+
+// The message of the Snapshot-kind error `fn` throws; fails if it throws none or another.
+template <typename Fn>
+std::string SnapshotErrorOf(Fn fn) {
+  try {
+    fn();
+  } catch (const VmmError& e) {
+    if (e.kind() != ErrorKind::Snapshot) throw testing::Failure(std::string("wrong error kind: ") + e.what());
+    return e.what();
+  } catch (const std::exception& e) {
+    throw testing::Failure(std::string("not a VmmError: ") + e.what());
+  }
+  throw testing::Failure("expected a SnapshotError");
+}
+
+bool Contains(const std::string& s, const char* part) { return s.find(part) != std::string::npos; }
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    char t[] = "/tmp/vmlet-snap-test-XXXXXX";
+    path = mkdtemp(t);
+  }
+  ~TempDir() { (void)!system(("rm -rf '" + path + "'").c_str()); }
+};
+
+}  // namespace
+
+TEST_CASE("snapshot: the state file round-trips sections byte for byte") {
+  auto in = SampleSections();
+  auto bytes = EncodeStateFile(in);
+  auto out = DecodeStateFile(bytes.data(), bytes.size(), "test");
+  EXPECT_EQ(out.size(), in.size());
+  for (size_t i = 0; i < in.size(); i++) {
+    EXPECT_EQ(out[i].id, in[i].id);
+    EXPECT(out[i].data == in[i].data);
+  }
+  EXPECT(FindSection(out, kSectionVm) != nullptr);
+  EXPECT(FindSection(out, 0x9999) == nullptr);
+}
+
+TEST_CASE("snapshot: a state file truncated at any length is refused") {
+  auto bytes = EncodeStateFile(SampleSections());
+  for (size_t n = 0; n < bytes.size(); n++) {
+    std::string m = SnapshotErrorOf([&] { DecodeStateFile(bytes.data(), n, "test"); });
+    EXPECT(Contains(m, "truncated"));
+  }
+}
+
+TEST_CASE("snapshot: every single flipped bit of a state file is refused") {
+  auto bytes = EncodeStateFile(SampleSections());
+  for (size_t i = 0; i < bytes.size(); i++) {
+    for (int bit = 0; bit < 8; bit++) {
+      auto copy = bytes;
+      copy[i] ^= static_cast<uint8_t>(1u << bit);
+      SnapshotErrorOf([&] { DecodeStateFile(copy.data(), copy.size(), "test"); });
+    }
+  }
+}
+
+TEST_CASE("snapshot: an unknown version, bad magic, trailing bytes, duplicated sections are refused with their reason") {
+  auto bytes = EncodeStateFile(SampleSections());
+  auto v = bytes;
+  v[8] = 2;
+  EXPECT(Contains(SnapshotErrorOf([&] { DecodeStateFile(v.data(), v.size(), "t"); }), "format version 2; this vmlet reads only version 1"));
+  auto m = bytes;
+  m[0] = 'X';
+  EXPECT(Contains(SnapshotErrorOf([&] { DecodeStateFile(m.data(), m.size(), "t"); }), "bad magic"));
+  auto t = bytes;
+  t.push_back(0);
+  EXPECT(Contains(SnapshotErrorOf([&] { DecodeStateFile(t.data(), t.size(), "t"); }), "after the recorded end"));
+  auto dup = SampleSections();
+  dup.push_back(dup[0]);
+  auto d = EncodeStateFile(dup);
+  EXPECT(Contains(SnapshotErrorOf([&] { DecodeStateFile(d.data(), d.size(), "t"); }), "appears twice"));
+}
+
+TEST_CASE("snapshot: the section reader never reads past its section") {
+  Writer w;
+  w.U32(7);
+  w.Bytes("abc", 3);
+  Reader ok(w.data().data(), w.data().size(), "s");
+  EXPECT_EQ(ok.U32(), 7u);
+  EXPECT(ok.Str() == "abc");
+  ok.ExpectEnd();
+  // A length prefix claiming more than the section holds.
+  Writer lie;
+  lie.U64(1ull << 40);
+  Reader r1(lie.data().data(), lie.data().size(), "s");
+  EXPECT(Contains(SnapshotErrorOf([&] { r1.Bytes(); }), "runs past the section"));
+  // A kernel struct of another size (another vmlet's layout).
+  Writer small;
+  small.Bytes("0123", 4);
+  Reader r2(small.data().data(), small.data().size(), "s");
+  kvm_regs regs{};
+  EXPECT(Contains(SnapshotErrorOf([&] { r2.Struct(&regs); }), "expects"));
+  Reader r3(w.data().data(), w.data().size(), "s");
+  r3.U32();
+  EXPECT(Contains(SnapshotErrorOf([&] { r3.ExpectEnd(); }), "unread bytes"));
+  uint8_t two = 2;
+  Reader r4(&two, 1, "s");
+  SnapshotErrorOf([&] { r4.Bool(); });
+}
+
+TEST_CASE("snapshot: vCPU state encodes and decodes exactly") {
+  VcpuState s;
+  s.regs.rip = 0x1234567;
+  s.regs.rflags = 0x202;
+  s.sregs.cr3 = 0x9000;
+  s.xsave.assign(4096, 0);
+  s.xsave[100] = 0x5a;
+  s.has_xcrs = true;
+  s.xcrs.nr_xcrs = 1;
+  s.xcrs.xcrs[0].value = 7;
+  s.lapic.regs[0x20] = 1;
+  for (uint32_t i : {0x10u, 0x6e0u, 0xc0000080u}) s.msrs.push_back(kvm_msr_entry{i, 0, i * 3ull});
+  s.events.nmi.pending = 1;
+  s.tsc_khz = 2400000;
+  Writer w;
+  s.Encode(w);
+  Reader r(w.data().data(), w.data().size(), "vCPU 0");
+  VcpuState b = VcpuState::Decode(r);
+  EXPECT_EQ(b.regs.rip, s.regs.rip);
+  EXPECT_EQ(b.sregs.cr3, s.sregs.cr3);
+  EXPECT(b.xsave == s.xsave);
+  EXPECT_EQ(b.xcrs.xcrs[0].value, 7ull);
+  EXPECT_EQ(b.lapic.regs[0x20], 1);
+  EXPECT_EQ(b.msrs.size(), 3u);
+  EXPECT_EQ(b.msrs[2].data, 0xc0000080ull * 3);
+  EXPECT_EQ(b.events.nmi.pending, 1);
+  EXPECT_EQ(b.tsc_khz, 2400000u);
+  // Cut anywhere, it is refused rather than half-read.
+  for (size_t n = 0; n + 1 < w.data().size(); n += 97) {
+    Reader cut(w.data().data(), n, "vCPU 0");
+    SnapshotErrorOf([&] { VcpuState::Decode(cut); });
+  }
+}
+
+TEST_CASE("snapshot: a fingerprint of another CPU or KVM is refused, naming both") {
+  HostFingerprint a;
+  a.cpuid_sha256 = std::string(64, 'a');
+  a.vendor = "AuthenticAMD";
+  a.family_model = 0xa10f11;
+  a.xsave_bytes = 4096;
+  HostFingerprint b = a;
+  a.CheckSame(b);
+  b.cpuid_sha256 = std::string(64, 'b');
+  b.vendor = "GenuineIntel";
+  std::string m = SnapshotErrorOf([&] { a.CheckSame(b); });
+  EXPECT(Contains(m, "another CPU"));
+  EXPECT(Contains(m, "GenuineIntel"));
+  EXPECT(Contains(m, "AuthenticAMD"));
+  HostFingerprint c = a;
+  c.xsave_bytes = 8192;
+  EXPECT(Contains(SnapshotErrorOf([&] { a.CheckSame(c); }), "other save areas"));
+  Writer w;
+  a.Encode(w);
+  Reader r(w.data().data(), w.data().size(), "host");
+  HostFingerprint back = HostFingerprint::Decode(r);
+  back.CheckSame(a);
+}
+
+TEST_CASE("snapshot: sections the config does not account for, or missing ones, are refused") {
+  SnapshotConfig c;
+  c.memory_bytes = 2 << 20;
+  c.cpus = 1;
+  c.kernel.path = "/k";
+  c.regions.push_back({0, 2 << 20, 0});
+  c.memory_file_bytes = 2 << 20;
+  auto sections = [&](bool with_vcpu, bool extra) {
+    std::vector<Section> s;
+    Writer cw, hw, vw, cpu;
+    c.Encode(cw);
+    HostFingerprint{}.Encode(hw);
+    VmState vm;
+    vm.pic_master.chip_id = KVM_IRQCHIP_PIC_MASTER;
+    vm.pic_slave.chip_id = KVM_IRQCHIP_PIC_SLAVE;
+    vm.ioapic.chip_id = KVM_IRQCHIP_IOAPIC;
+    vm.Encode(vw);
+    VcpuState{}.Encode(cpu);
+    s.push_back({kSectionConfig, cw.data()});
+    s.push_back({kSectionHost, hw.data()});
+    s.push_back({kSectionVm, vw.data()});
+    if (with_vcpu) s.push_back({kSectionVcpu, cpu.data()});
+    s.push_back({kSectionSerial, {}});
+    s.push_back({kSectionRtc, {}});
+    if (extra) s.push_back({0x7777, {1}});
+    return s;
+  };
+  Image img = Image::FromSections(sections(true, false), "d");
+  EXPECT_EQ(img.vcpus.size(), 1u);
+  EXPECT(Contains(SnapshotErrorOf([&] { Image::FromSections(sections(false, false), "d"); }), "vCPU 0 section is missing"));
+  EXPECT(Contains(SnapshotErrorOf([&] { Image::FromSections(sections(true, true), "d"); }), "sections where the config accounts for"));
+}
+
+TEST_CASE("snapshot: the memory file holds only non-zero pages, checks out, and maps back copy-on-write") {
+  TempDir tmp;
+  std::vector<std::pair<uint64_t, uint64_t>> layout{{0, 1 << 20}, {4ull << 30, 1 << 20}};
+  GuestMemory mem(layout);
+  const uint64_t a = 0x3000, b = (4ull << 30) + 0x7000;
+  EXPECT(mem.WriteObj(a, uint64_t(0x1122334455667788)));
+  EXPECT(mem.WriteObj(b + 4000, uint32_t(0xabcd)));
+  // A page touched and zeroed again is data in the memfd but not in the file.
+  EXPECT(mem.WriteObj(0x9000, uint64_t(1)));
+  EXPECT(mem.WriteObj(0x9000, uint64_t(0)));
+  std::string path = tmp.path + "/memory";
+  MemoryFileInfo info = WriteMemoryFile(mem, path);
+  EXPECT_EQ(info.logical_bytes, 2ull << 20);
+  EXPECT_EQ(info.data_bytes, 2ull * 4096);
+  EXPECT(info.allocated_bytes <= 64ull * 1024);  // sparse (filesystems allocate in blocks)
+  EXPECT_EQ(MemoryFileCrc(path), info.crc);
+  // Refuses to overwrite.
+  SnapshotErrorOf([&] { WriteMemoryFile(mem, path); });
+
+  GuestMemory restored(layout, GuestMemory::PrivateFile{path});
+  EXPECT(restored.private_file());
+  EXPECT_EQ(restored.fd(), -1);
+  uint64_t v = 0;
+  uint32_t w = 0;
+  EXPECT(restored.ReadObj(a, &v));
+  EXPECT_EQ(v, 0x1122334455667788ull);
+  EXPECT(restored.ReadObj(b + 4000, &w));
+  EXPECT_EQ(w, 0xabcdu);
+  EXPECT(restored.WriteObj(a, uint64_t(42)));
+  // The guest's write stayed in its copy: the file, and a second mapping of it, still hold the snapshot.
+  GuestMemory second(layout, GuestMemory::PrivateFile{path});
+  EXPECT(second.ReadObj(a, &v));
+  EXPECT_EQ(v, 0x1122334455667788ull);
+  EXPECT_EQ(MemoryFileCrc(path), info.crc);
+  // A restored VM's RAM snapshots again (every page looked at): same content, same CRC.
+  std::string again = tmp.path + "/memory2";
+  MemoryFileInfo info2 = WriteMemoryFile(second, again);
+  EXPECT_EQ(info2.crc, info.crc);
+  // A memory file shorter than the layout is refused.
+  EXPECT_EQ(truncate(again.c_str(), 1 << 20), 0);
+  EXPECT_THROWS(GuestMemory(layout, GuestMemory::PrivateFile{again}));
+}
