@@ -17,7 +17,7 @@ import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statS
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { addonPath } from '../../native/ts/addon';
-import { Vm, VmConfig } from '../../native/ts/vmm';
+import { SnapshotError, Vm, VmConfig } from '../../native/ts/vmm';
 import { AgentClient, IdentityResult } from '../agent/client';
 import { LaunchedVm, waitForAgent } from './sandbox';
 import { Template, TemplateError, TemplateInputs, TemplateStore, templateKey, templateLog } from './template-store';
@@ -43,42 +43,9 @@ export interface TemplateSpec {
   cmdline: string;
 }
 
-// The facade's snapshot API (issue 7, native part), as its contract states
-// it. Reached through these two functions so a VMM build without it fails
-// with a clear UNIMPLEMENTED instead of a TypeError.
-export interface SnapshotInfo {
-  dir: string;
-  version: number;
-  memoryBytes: number;
-  memoryFileBytes: number;
-  cpus: number;
-}
-interface SnapshottingVm {
-  snapshot(dir: string): Promise<SnapshotInfo>;
-}
-interface RestoringVm {
-  restore(opts: { snapshot: string; serialLog: string; vsock?: { cid: number; udsPath: string } }): Promise<Vm>;
-}
-
-function unimplemented(what: string): TemplateError {
-  return new TemplateError('UNIMPLEMENTED', `this build of the VMM has no ${what} (native/ts/vmm.ts, issue 7): templates cannot be made or restored; boot cold instead`);
-}
-
-export async function snapshotVm(vm: Vm, dir: string): Promise<SnapshotInfo> {
-  const v = vm as unknown as Partial<SnapshottingVm>;
-  if (typeof v.snapshot !== 'function') throw unimplemented('Vm.snapshot');
-  return v.snapshot.call(vm, dir);
-}
-
-export async function restoreVm(opts: { snapshot: string; serialLog: string; vsock: { cid: number; udsPath: string } }): Promise<Vm> {
-  const api = Vm as unknown as Partial<RestoringVm>;
-  if (typeof api.restore !== 'function') throw unimplemented('Vm.restore');
-  return api.restore.call(Vm, opts);
-}
-
-/** A restore that failed because the snapshot itself is bad (the facade's SnapshotError). */
+/** A restore that failed because the snapshot itself is bad: the pool makes the template anew. */
 export function isSnapshotCorrupt(e: unknown): boolean {
-  return e instanceof Error && e.name === 'SnapshotError';
+  return e instanceof SnapshotError;
 }
 
 const fileHashes = new Map<string, string>();
@@ -143,14 +110,30 @@ export function templateInputs(spec: TemplateSpec): TemplateInputs {
   };
 }
 
+/** A clone restored and its agent connected, identity not yet refreshed (what the warm queue holds). */
+interface PreparedClone {
+  launched: LaunchedVm;
+  client: AgentClient;
+  template: Template;
+  stateDir: string;
+  restoreNs: bigint;
+  agentReadyNs: bigint;
+}
+
 export interface RestoredGuest extends LaunchedVm {
   client: AgentClient;
   /** The hostname SET_IDENTITY gave the guest. */
   hostname: string;
   identity: IdentityResult;
   template: Template;
-  /** CLOCK_MONOTONIC (process.hrtime.bigint()) at the restore call, the agent's HELLO, and SET_IDENTITY's reply. */
+  /**
+   * CLOCK_MONOTONIC (process.hrtime.bigint()) at the restore call, the agent's
+   * HELLO, and SET_IDENTITY's reply. For a clone taken from the warm queue the
+   * first two are from when it was prepared.
+   */
   timings: { restoreNs: bigint; agentReadyNs: bigint; identityNs: bigint };
+  /** Whether the clone came from the warm queue. */
+  warm: boolean;
   /** Kills the VM and removes its state directory; idempotent. */
   close(): Promise<void>;
 }
@@ -163,6 +146,12 @@ export interface TemplatePoolOptions {
   stateDir?: string;
   /** Bound on (re)start → agent answering; default 60 s (a template boot in the lab takes ~10 s). */
   agentTimeoutMs?: number;
+  /**
+   * Clones kept restored with their agent connected, so acquire() only pays
+   * SET_IDENTITY; refilled in the background after each acquire. Default 0.
+   * They run (idle, the agent only) and hold their private pages meanwhile.
+   */
+  warm?: number;
 }
 
 export class TemplatePool {
@@ -170,12 +159,18 @@ export class TemplatePool {
   private readonly spec: TemplateSpec;
   private readonly stateParent: string;
   private readonly agentTimeoutMs: number;
+  private readonly warmTarget: number;
+  private readonly warmQueue: Promise<PreparedClone>[] = [];
+  private closed = false;
 
   constructor(opts: TemplatePoolOptions) {
     this.spec = opts.spec;
     this.store = new TemplateStore({ root: opts.root });
     this.stateParent = opts.stateDir ?? tmpdir();
     this.agentTimeoutMs = opts.agentTimeoutMs ?? 60_000;
+    this.warmTarget = opts.warm ?? 0;
+    if (!Number.isInteger(this.warmTarget) || this.warmTarget < 0 || this.warmTarget > 64)
+      throw new TemplateError('BAD_POOL_OPTIONS', `warm is ${String(opts.warm)}: keep 0 to 64 clones warm`);
   }
 
   /** The key of this pool's template, from the current inputs (files hashed, memoised). */
@@ -193,12 +188,87 @@ export class TemplatePool {
    * A VM restored from the template, running, its agent connected and its
    * identity fresh (own RNG state, the host's wall clock, `hostname`).
    */
-  acquire(opts: { hostname?: string } = {}): Promise<RestoredGuest> {
+  async acquire(opts: { hostname?: string } = {}): Promise<RestoredGuest> {
+    if (this.closed) throw new TemplateError('POOL_CLOSED', 'acquire() after close(): make a new TemplatePool');
     const hostname = opts.hostname ?? `vmlet-${randomBytes(4).toString('hex')}`;
-    const inputs = templateInputs(this.spec);
-    return this.store.use(templateKey(inputs), inputs, (dir) => this.make(dir), (t) => this.restore(t, hostname), isSnapshotCorrupt);
+    let prepared: PreparedClone | null = null;
+    let warm = false;
+    const queued = this.warmQueue.shift();
+    if (queued) {
+      try {
+        prepared = await queued;
+        warm = true;
+      } catch (e) {
+        templateLog.warn(`a warm clone failed to come up, restoring one now: ${(e as Error).message}`);
+      }
+    }
+    this.refill();
+    prepared ??= await this.prepareFromStore();
+    try {
+      // Before anything else runs in the clone: until this returns it shares
+      // its siblings' RNG state, a stale clock and the template's hostname.
+      const identity = await prepared.client.setIdentity({ clock: true, hostname });
+      return this.handOver(prepared, hostname, identity, warm);
+    } catch (e) {
+      await this.discardClone(prepared);
+      throw e;
+    }
   }
 
+  /** Starts warm clones up to the target (no-op when warm is 0). */
+  refill(): void {
+    while (!this.closed && this.warmQueue.length < this.warmTarget) {
+      const p = this.prepareFromStore();
+      // Consumed by acquire() or close(); never an unhandled rejection meanwhile.
+      p.catch(() => undefined);
+      this.warmQueue.push(p);
+    }
+  }
+
+  /** Kills the warm clones; clones already handed out stay their holders' to close. */
+  async close(): Promise<void> {
+    this.closed = true;
+    const queued = this.warmQueue.splice(0);
+    for (const q of queued) {
+      try {
+        await this.discardClone(await q);
+      } catch {
+        // It never came up: nothing to kill.
+      }
+    }
+  }
+
+  private prepareFromStore(): Promise<PreparedClone> {
+    const inputs = templateInputs(this.spec);
+    return this.store.use(templateKey(inputs), inputs, (dir) => this.make(dir), (t) => this.prepare(t), isSnapshotCorrupt);
+  }
+
+  private handOver(p: PreparedClone, hostname: string, identity: IdentityResult, warm: boolean): RestoredGuest {
+    const identityNs = process.hrtime.bigint();
+    let closed: Promise<void> | null = null;
+    return {
+      ...p.launched,
+      client: p.client,
+      hostname,
+      identity,
+      template: p.template,
+      timings: { restoreNs: p.restoreNs, agentReadyNs: p.agentReadyNs, identityNs },
+      warm,
+      close: () => {
+        closed ??= this.discardClone(p);
+        return closed;
+      },
+    };
+  }
+
+  private async discardClone(p: PreparedClone): Promise<void> {
+    p.client.destroy();
+    try {
+      await p.launched.vm.kill();
+    } finally {
+      rmSync(p.stateDir, { recursive: true, force: true });
+    }
+  }
   /** Cold-boots the template guest into `dir`: the agent answers, then the VM is paused and snapshotted. */
   private async make(dir: string): Promise<Record<string, unknown>> {
     const work = mkdtempSync(join(this.stateParent, 'vmlet-template-boot-'));
@@ -225,55 +295,33 @@ export class TemplatePool {
       client.destroy();
       const bootMs = Date.now() - t0;
       await vm.pause();
-      const snapshot = await snapshotVm(vm, join(dir, 'snapshot'));
+      const snapshot = await vm.snapshot(join(dir, 'snapshot'));
       templateLog.info(`template booted in ${bootMs} ms, snapshot ${snapshot.memoryFileBytes} bytes on disk`);
-      return { bootMs, snapshot: { ...snapshot }, agentVersion: client.hello?.agentVersion ?? '' };
+      return {
+        bootMs,
+        agentVersion: client.hello?.agentVersion ?? '',
+        snapshot: { version: snapshot.version, memoryBytes: snapshot.memoryBytes, memoryFileBytes: snapshot.memoryFileBytes, cpus: snapshot.cpus, kernelSha256: snapshot.kernelSha256, refusedMsrs: snapshot.refusedMsrs, skipped: snapshot.skipped, durationMs: Number(snapshot.durationNs) / 1e6 },
+      };
     } finally {
       await vm.kill();
       rmSync(work, { recursive: true, force: true });
     }
   }
 
-  private async restore(template: Template, hostname: string): Promise<RestoredGuest> {
+  /** Restores a clone and waits for its agent; SnapshotError here makes the store remake the template. */
+  private async prepare(template: Template): Promise<PreparedClone> {
     const stateDir = mkdtempSync(join(this.stateParent, 'vmlet-restored-'));
     const vsockPath = join(stateDir, 'vsock.sock');
     const serialLog = join(stateDir, 'serial.log');
     let vm: Vm | undefined;
-    let client: AgentClient | undefined;
     try {
       const restoreNs = process.hrtime.bigint();
-      vm = await restoreVm({ snapshot: join(template.dir, 'snapshot'), serialLog, vsock: { cid: GUEST_CID, udsPath: vsockPath } });
+      vm = await Vm.restore({ snapshot: join(template.dir, 'snapshot'), serialLog, vsock: { cid: GUEST_CID, udsPath: vsockPath } });
       vm.start();
       const launched: LaunchedVm = { vm, vsockPath, serialLog, layerDevices: [], origin: 'template restore' };
-      client = await waitForAgent(launched, this.agentTimeoutMs);
-      const agentReadyNs = process.hrtime.bigint();
-      // Before anything else runs in the clone: until this returns it shares
-      // its siblings' RNG state, a stale clock and the template's hostname.
-      const identity = await client.setIdentity({ clock: true, hostname });
-      const identityNs = process.hrtime.bigint();
-      let closed: Promise<void> | null = null;
-      const owned = { vm, client };
-      return {
-        ...launched,
-        client,
-        hostname,
-        identity,
-        template,
-        timings: { restoreNs, agentReadyNs, identityNs },
-        close: () => {
-          closed ??= (async () => {
-            owned.client.destroy();
-            try {
-              await owned.vm.kill();
-            } finally {
-              rmSync(stateDir, { recursive: true, force: true });
-            }
-          })();
-          return closed;
-        },
-      };
+      const client = await waitForAgent(launched, this.agentTimeoutMs);
+      return { launched, client, template, stateDir, restoreNs, agentReadyNs: process.hrtime.bigint() };
     } catch (e) {
-      client?.destroy();
       if (vm) await vm.kill();
       rmSync(stateDir, { recursive: true, force: true });
       throw e;

@@ -43,8 +43,10 @@ export type TemplateErrorCode =
   | 'TEMPLATE_LOCKED'
   /** The template was corrupt again after it was made anew. */
   | 'TEMPLATE_CORRUPT'
-  /** What the template needs is not built yet (e.g. the VMM has no snapshot support). */
-  | 'UNIMPLEMENTED';
+  /** TemplatePool options out of range. */
+  | 'BAD_POOL_OPTIONS'
+  /** acquire() on a closed TemplatePool. */
+  | 'POOL_CLOSED';
 
 export class TemplateError extends Error {
   override readonly name = 'TemplateError';

@@ -7,11 +7,10 @@ import { strict as assert } from 'node:assert';
 import { mkdtempSync, openSync, readdirSync, readSync, rmSync, statSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Vm } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import { AgentClient } from '../../shim/agent/client';
 import { agentInitramfs, findGuestKernel, guestCmdline } from '../../shim/sandbox/guest';
-import { RestoredGuest, TemplatePool } from '../../shim/sandbox/template-pool';
+import { RestoredGuest, TemplatePool, TemplateSpec } from '../../shim/sandbox/template-pool';
 import { collect } from '../unit/agent-harness';
 
 const env = ['PATH=/bin'];
@@ -33,6 +32,7 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
   this.timeout(300_000);
   let work: string;
   let pool: TemplatePool;
+  let poolSpec: TemplateSpec;
   const guests: RestoredGuest[] = [];
 
   before(async function () {
@@ -47,13 +47,10 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
       this.skip();
       return;
     }
-    if (typeof (Vm as unknown as { restore?: unknown }).restore !== 'function') {
-      console.log('      !!! SKIPPED: this VMM build has no Vm.restore (issue 7 native part not merged)');
-      this.skip();
-    }
     work = mkdtempSync(join(tmpdir(), 'vmlet-pool-'));
+    poolSpec = { kernel: kernel.vmlinux, initrd: agentInitramfs(), cpus: 1, memoryMiB: 256, cmdline: guestCmdline('quiet') };
     pool = new TemplatePool({
-      spec: { kernel: kernel.vmlinux, initrd: agentInitramfs(), cpus: 1, memoryMiB: 256, cmdline: guestCmdline('quiet') },
+      spec: poolSpec,
       root: join(work, 'templates'),
       stateDir: work,
       agentTimeoutMs: 120_000,
@@ -61,6 +58,7 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
   });
   after(async () => {
     for (const g of guests) await g.close();
+    await pool?.close();
     if (work) rmSync(work, { recursive: true, force: true });
   });
 
@@ -143,6 +141,24 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
     assert.notEqual(g.template.manifest.id, before.manifest.id, 'the template was made anew');
     assert.equal(await ok(g.client, 'busybox hostname'), 'clone-c');
     assert.deepEqual(pool.store.list(), [pool.key()]);
+  });
+
+  it('a pool with a warm clone hands it over already restored; SET_IDENTITY still makes it its own', async () => {
+    const warmPool = new TemplatePool({ spec: poolSpec, root: join(work, 'templates'), stateDir: work, agentTimeoutMs: 120_000, warm: 1 });
+    try {
+      warmPool.refill();
+      const t0 = Date.now();
+      const g = await warmPool.acquire({ hostname: 'clone-warm' });
+      guests.push(g);
+      console.log(`      warm acquire ${Date.now() - t0} ms (identity ${(Number(g.timings.identityNs - g.timings.agentReadyNs) / 1e6).toFixed(1)} ms after the agent was ready)`);
+      assert.equal(g.warm, true);
+      assert.equal(await ok(g.client, 'busybox hostname'), 'clone-warm');
+      const before = Date.now();
+      const guest = Number(await ok(g.client, 'busybox date +%s'));
+      assert.ok(Math.abs(guest - before / 1000) <= 2, `guest clock ${guest} s vs host ${before / 1000} s`);
+    } finally {
+      await warmPool.close();
+    }
   });
 
   it('closing the clones removes their state directories', async () => {

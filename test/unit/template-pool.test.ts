@@ -9,6 +9,7 @@ import { join } from 'node:path';
 import { hostCpuFingerprint, isSnapshotCorrupt, sha256File, TemplatePool, templateInputs } from '../../shim/sandbox/template-pool';
 import { templateKey } from '../../shim/sandbox/template-store';
 import { addonPath } from '../../native/ts/addon';
+import { KvmError, SnapshotError } from '../../native/ts/vmm';
 
 const cpuinfo = (flags: string, mhz: string, model = '49') =>
   [
@@ -83,10 +84,19 @@ describe('template pool: keys', function () {
   });
 
   it('only the facade\'s SnapshotError counts as a corrupt template', () => {
-    const snap = new Error('crc mismatch in section vcpu0');
-    snap.name = 'SnapshotError';
-    assert.equal(isSnapshotCorrupt(snap), true);
-    assert.equal(isSnapshotCorrupt(new Error('KVM_RUN failed')), false);
-    assert.equal(isSnapshotCorrupt('SnapshotError'), false);
+    assert.equal(isSnapshotCorrupt(new SnapshotError('crc mismatch in section vcpu0')), true);
+    assert.equal(isSnapshotCorrupt(new KvmError('KVM_RUN failed')), false);
+    const lookalike = new Error('x');
+    lookalike.name = 'SnapshotError';
+    assert.equal(isSnapshotCorrupt(lookalike), false);
+  });
+
+  it('warm outside 0..64 is refused before anything starts; acquire after close is POOL_CLOSED', async () => {
+    const spec = { kernel: '/nonexistent', initrd: '/nonexistent', cpus: 1, memoryMiB: 256, cmdline: '' };
+    for (const warm of [-1, 65, 1.5])
+      assert.throws(() => new TemplatePool({ spec, root: join(work, 't'), warm }), /BAD_POOL_OPTIONS: warm is .*: keep 0 to 64 clones warm/);
+    const pool = new TemplatePool({ spec, root: join(work, 't') });
+    await pool.close();
+    await assert.rejects(pool.acquire(), /POOL_CLOSED: acquire\(\) after close\(\)/);
   });
 });
