@@ -1,0 +1,139 @@
+// `npm run bench template`, inside the lab only:
+//   hack/kvm-lab run --timeout 900 -- node dist/hack/bench/run.js template
+// The template pool (shim/sandbox/template-pool.ts) against a cold boot, same
+// guest kernel, agent initramfs, command line, 256 MiB, 1 vCPU, same /dev/kvm:
+//
+// - cold boot -> agent ready: Vm.create() called -> the agent answered HELLO
+//   over vsock (VMLET_BENCH_COLD_RUNS, default 10: a cold boot is seconds here);
+// - restore -> agent ready: Vm.restore() called -> HELLO answered, and
+//   host-side restore: Vm.restore() called -> first vCPU entry (the VMM's own
+//   part), and SET_IDENTITY's round trip (VMLET_BENCH_RUNS, default 50);
+// - unique host memory per idle VM: VMLET_BENCH_HELD (default 10) VMs of each
+//   kind held at once, this process's Private_* and Pss (smaps_rollup) before
+//   and after, divided by the count.
+// p50/p90 each, interleaved cold/restore so load drift hits both alike. The
+// lab nests KVM under TCG: compare the ratios, not the absolute times.
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Vm } from '../../native/ts/vmm';
+import { agentInitramfs, findGuestKernel, guestCmdline } from '../../shim/sandbox/guest';
+import { waitForAgent } from '../../shim/sandbox/sandbox';
+import { RestoredGuest, TemplatePool, TemplateSpec } from '../../shim/sandbox/template-pool';
+
+const RUNS = Number(process.env.VMLET_BENCH_RUNS ?? 50);
+const COLD_RUNS = Number(process.env.VMLET_BENCH_COLD_RUNS ?? 10);
+const HELD = Number(process.env.VMLET_BENCH_HELD ?? 10);
+const AGENT_TIMEOUT_MS = 120_000;
+
+function percentile(xs: number[], p: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  if (s.length === 0) return NaN;
+  return s[Math.min(s.length - 1, Math.ceil((p / 100) * s.length) - 1)];
+}
+
+const ms = (a: bigint, b: bigint) => Number(b - a) / 1e6;
+
+interface ColdVm {
+  vm: Vm;
+  close(): Promise<void>;
+}
+
+async function coldBoot(spec: TemplateSpec, parent: string): Promise<{ agentMs: number; held: ColdVm }> {
+  const dir = mkdtempSync(join(parent, 'cold-'));
+  const vsockPath = join(dir, 'vsock.sock');
+  const serialLog = join(dir, 'serial.log');
+  const t0 = process.hrtime.bigint();
+  const vm = await Vm.create({ kernel: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline, memoryMiB: spec.memoryMiB, cpus: spec.cpus, serialLog, bootProtocol: 'pvh', vsock: { cid: 3, udsPath: vsockPath } });
+  vm.start();
+  const client = await waitForAgent({ vm, vsockPath, serialLog, layerDevices: [], origin: 'cold boot' }, AGENT_TIMEOUT_MS);
+  const agentMs = ms(t0, process.hrtime.bigint());
+  return {
+    agentMs,
+    held: {
+      vm,
+      close: async () => {
+        client.destroy();
+        await vm.kill();
+        rmSync(dir, { recursive: true, force: true });
+      },
+    },
+  };
+}
+
+/** kB of this process's memory: unique (Private_Clean + Private_Dirty) and proportional (Pss). */
+function memoryKb(): { uss: number; pss: number } {
+  const text = readFileSync('/proc/self/smaps_rollup', 'utf8');
+  const field = (name: string) => Number(text.match(new RegExp(`^${name}:\\s+(\\d+) kB`, 'm'))?.[1] ?? NaN);
+  return { uss: field('Private_Clean') + field('Private_Dirty'), pss: field('Pss') };
+}
+
+/** Holds `n` idle VMs made by `make` at once; their agents answered, nothing else runs. */
+async function heldMemory(n: number, make: () => Promise<{ close(): Promise<void> }>): Promise<{ uss: number; pss: number }> {
+  const before = memoryKb();
+  const vms: { close(): Promise<void> }[] = [];
+  try {
+    for (let i = 0; i < n; i++) vms.push(await make());
+    // Let the guests settle into idle before reading.
+    await new Promise((r) => setTimeout(r, 2000));
+    const after = memoryKb();
+    return { uss: (after.uss - before.uss) / n / 1024, pss: (after.pss - before.pss) / n / 1024 };
+  } finally {
+    for (const v of vms) await v.close();
+  }
+}
+
+export async function run(): Promise<void> {
+  if (process.env.VMLET_LAB !== 'inside') {
+    console.log('!!! SKIPPED: the template benchmark boots the Linux guest, which needs a standard /dev/kvm;');
+    console.log('!!! run it in the lab: hack/kvm-lab run --timeout 900 -- node dist/hack/bench/run.js template');
+    return;
+  }
+  const kernel = findGuestKernel();
+  if ('missing' in kernel) throw new Error(`the guest kernel is not built: ${kernel.missing}`);
+  const work = mkdtempSync(join(tmpdir(), 'vmlet-template-bench-'));
+  const spec: TemplateSpec = { kernel: kernel.vmlinux, initrd: agentInitramfs(), cpus: 1, memoryMiB: 256, cmdline: guestCmdline('quiet') };
+  const pool = new TemplatePool({ spec, root: join(work, 'templates'), stateDir: work, agentTimeoutMs: AGENT_TIMEOUT_MS });
+  try {
+    const loadBefore = loadavg()[0];
+    const t0 = Date.now();
+    const template = await pool.template();
+    const snap = template.manifest.meta.snapshot as { memoryFileBytes: number; memoryBytes: number };
+    console.log(`template made in ${Date.now() - t0} ms; memory file ${(snap.memoryFileBytes / 2 ** 20).toFixed(1)} MiB on disk of ${(snap.memoryBytes / 2 ** 20).toFixed(0)} MiB RAM`);
+    const cold: number[] = [];
+    const restoreAgent: number[] = [];
+    const hostRestore: number[] = [];
+    const identity: number[] = [];
+    const everyCold = Math.max(1, Math.floor(RUNS / Math.max(1, COLD_RUNS)));
+    for (let i = 0; i < RUNS; i++) {
+      const g: RestoredGuest = await pool.acquire();
+      const st = g.vm.stats();
+      restoreAgent.push(ms(g.timings.restoreNs, g.timings.agentReadyNs));
+      identity.push(ms(g.timings.agentReadyNs, g.timings.identityNs));
+      if (st.restoredNs !== undefined && st.firstEntryNs !== undefined) hostRestore.push(ms(st.restoredNs, st.firstEntryNs));
+      await g.close();
+      if (cold.length < COLD_RUNS && i % everyCold === 0) {
+        const c = await coldBoot(spec, work);
+        cold.push(c.agentMs);
+        await c.held.close();
+      }
+    }
+    const row = (name: string, xs: number[]) =>
+      console.log(`  ${name.padEnd(46)} ${percentile(xs, 50).toFixed(1).padStart(10)} ${percentile(xs, 90).toFixed(1).padStart(10)} ${String(xs.length).padStart(6)}`);
+    console.log(`\n  ${'metric (ms)'.padEnd(46)} ${'p50'.padStart(10)} ${'p90'.padStart(10)} ${'runs'.padStart(6)}`);
+    row('cold boot -> agent ready (peer)', cold);
+    row('restore -> agent ready (ours)', restoreAgent);
+    row('host-side restore: call -> first vCPU entry', hostRestore);
+    row('SET_IDENTITY round trip', identity);
+    console.log(`  cold boot / restore, agent ready: p50 ${(percentile(cold, 50) / percentile(restoreAgent, 50)).toFixed(1)}x, p90 ${(percentile(cold, 90) / percentile(restoreAgent, 90)).toFixed(1)}x`);
+
+    const heldRestored = await heldMemory(HELD, () => pool.acquire());
+    const heldCold = await heldMemory(HELD, async () => (await coldBoot(spec, work)).held);
+    console.log(`\nunique host memory per idle VM, ${HELD} held at once (MiB): restored USS ${heldRestored.uss.toFixed(1)} PSS ${heldRestored.pss.toFixed(1)}; cold-booted USS ${heldCold.uss.toFixed(1)} PSS ${heldCold.pss.toFixed(1)}; ratio USS cold/restored ${(heldCold.uss / heldRestored.uss).toFixed(1)}x`);
+    console.log(`load average (1 min): ${loadBefore.toFixed(2)} before, ${loadavg()[0].toFixed(2)} after`);
+    console.log('The lab nests KVM under TCG: compare the ratios, not the absolute times.');
+  } finally {
+    await pool.close();
+    rmSync(work, { recursive: true, force: true });
+  }
+}
