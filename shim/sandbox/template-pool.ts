@@ -6,12 +6,13 @@
 // TemplateStore (template-store.ts): made on first use, keyed by the hash of
 // their inputs, made again once when a restore calls them corrupt.
 //
-// A template carries no disks: the snapshot contract re-opens exactly the
-// snapshot's disks, and a guest restored with other images behind its disks
-// would keep the template's view of them (virtio-blk capacity read at probe,
-// the block devices' page cache). Sandboxes with image layers therefore still
-// cold-boot (coldBoot in sandbox.ts) until layers reach a restored guest
-// another way.
+// Disks: a restore re-opens exactly the snapshot's disks (same count, order,
+// mode, size), and the guest keeps what it learnt of them at boot (virtio-blk
+// capacity, the block devices' page cache). So a template is made WITH the
+// image layers a sandbox needs, read-only, probed but not mounted, and their
+// content is part of the key: a clone can only ever see the very bytes its
+// template saw. One template per (image, cpus, memory); templateLauncher()
+// plugs this into Sandbox (a VmLauncher).
 import { randomBytes, createHash } from 'node:crypto';
 import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -19,7 +20,8 @@ import { join } from 'node:path';
 import { addonPath } from '../../native/ts/addon';
 import { SnapshotError, Vm, VmConfig } from '../../native/ts/vmm';
 import { AgentClient, IdentityResult } from '../agent/client';
-import { LaunchedVm, waitForAgent } from './sandbox';
+import { agentInitramfs, guestCmdline, requireGuestKernel } from './guest';
+import { LaunchedVm, SandboxSpec, virtioBlkDevice, VmLauncher, waitForAgent } from './sandbox';
 import { Template, TemplateError, TemplateInputs, TemplateStore, templateKey, templateLog } from './template-store';
 
 /**
@@ -41,6 +43,8 @@ export interface TemplateSpec {
   memoryMiB: number;
   /** The whole guest command line the template boots with. */
   cmdline: string;
+  /** Read-only disks (image layers), attached in this order at boot and at every restore; content-keyed. */
+  disks?: string[];
 }
 
 /** A restore that failed because the snapshot itself is bad: the pool makes the template anew. */
@@ -107,6 +111,7 @@ export function templateInputs(spec: TemplateSpec): TemplateInputs {
     // build may read old snapshots, but nothing says so, so it gets new ones.
     vmm: sha256File(addonPath),
     cpu: hostCpuFingerprint(),
+    disks: (spec.disks ?? []).map((d) => sha256File(d)).join(','),
   };
 }
 
@@ -188,12 +193,13 @@ export class TemplatePool {
    * A VM restored from the template, running, its agent connected and its
    * identity fresh (own RNG state, the host's wall clock, `hostname`).
    */
-  async acquire(opts: { hostname?: string } = {}): Promise<RestoredGuest> {
+  async acquire(opts: { hostname?: string; stateDir?: string } = {}): Promise<RestoredGuest> {
     if (this.closed) throw new TemplateError('POOL_CLOSED', 'acquire() after close(): make a new TemplatePool');
     const hostname = opts.hostname ?? `vmlet-${randomBytes(4).toString('hex')}`;
     let prepared: PreparedClone | null = null;
     let warm = false;
-    const queued = this.warmQueue.shift();
+    // A clone for a caller-owned state directory is restored there; warm ones live in their own.
+    const queued = opts.stateDir === undefined ? this.warmQueue.shift() : undefined;
     if (queued) {
       try {
         prepared = await queued;
@@ -203,7 +209,7 @@ export class TemplatePool {
       }
     }
     this.refill();
-    prepared ??= await this.prepareFromStore();
+    prepared ??= await this.prepareFromStore(opts.stateDir);
     try {
       // Before anything else runs in the clone: until this returns it shares
       // its siblings' RNG state, a stale clock and the template's hostname.
@@ -238,9 +244,9 @@ export class TemplatePool {
     }
   }
 
-  private prepareFromStore(): Promise<PreparedClone> {
+  private prepareFromStore(stateDir?: string): Promise<PreparedClone> {
     const inputs = templateInputs(this.spec);
-    return this.store.use(templateKey(inputs), inputs, (dir) => this.make(dir), (t) => this.prepare(t), isSnapshotCorrupt);
+    return this.store.use(templateKey(inputs), inputs, (dir) => this.make(dir), (t) => this.prepare(t, stateDir), isSnapshotCorrupt);
   }
 
   private handOver(p: PreparedClone, hostname: string, identity: IdentityResult, warm: boolean): RestoredGuest {
@@ -282,6 +288,7 @@ export class TemplatePool {
       cpus: this.spec.cpus,
       serialLog,
       bootProtocol: 'pvh',
+      disks: (this.spec.disks ?? []).map((path) => ({ path, readOnly: true })),
       vsock: { cid: GUEST_CID, udsPath: vsockPath },
     };
     const t0 = Date.now();
@@ -309,22 +316,65 @@ export class TemplatePool {
   }
 
   /** Restores a clone and waits for its agent; SnapshotError here makes the store remake the template. */
-  private async prepare(template: Template): Promise<PreparedClone> {
-    const stateDir = mkdtempSync(join(this.stateParent, 'vmlet-restored-'));
+  private async prepare(template: Template, givenStateDir?: string): Promise<PreparedClone> {
+    const stateDir = givenStateDir ?? mkdtempSync(join(this.stateParent, 'vmlet-restored-'));
     const vsockPath = join(stateDir, 'vsock.sock');
     const serialLog = join(stateDir, 'serial.log');
     let vm: Vm | undefined;
     try {
       const restoreNs = process.hrtime.bigint();
-      vm = await Vm.restore({ snapshot: join(template.dir, 'snapshot'), serialLog, vsock: { cid: GUEST_CID, udsPath: vsockPath } });
+      const disks = this.spec.disks ?? [];
+      vm = await Vm.restore({
+        snapshot: join(template.dir, 'snapshot'),
+        serialLog,
+        disks: disks.map((path) => ({ path, readOnly: true })),
+        vsock: { cid: GUEST_CID, udsPath: vsockPath },
+      });
       vm.start();
-      const launched: LaunchedVm = { vm, vsockPath, serialLog, layerDevices: [], origin: 'template restore' };
+      const launched: LaunchedVm = { vm, vsockPath, serialLog, layerDevices: disks.map((_, i) => virtioBlkDevice(i)), origin: 'template restore' };
       const client = await waitForAgent(launched, this.agentTimeoutMs);
       return { launched, client, template, stateDir, restoreNs, agentReadyNs: process.hrtime.bigint() };
     } catch (e) {
       if (vm) await vm.kill();
-      rmSync(stateDir, { recursive: true, force: true });
+      if (givenStateDir === undefined) rmSync(stateDir, { recursive: true, force: true });
       throw e;
     }
   }
+}
+
+/**
+ * A Sandbox launcher (sandbox.ts VmLauncher) that restores instead of booting:
+ * one pool per (layers, cpus, memory, command line), each with its template
+ * under `root`. The clone gets its fresh identity here, before the Sandbox
+ * makes its own connection to the agent.
+ */
+export function templateLauncher(opts: { root?: string; agentTimeoutMs?: number } = {}): VmLauncher & { close(): Promise<void> } {
+  const pools = new Map<string, TemplatePool>();
+  return {
+    name: 'template restore',
+    async launch(spec: SandboxSpec, stateDir: string): Promise<LaunchedVm> {
+      const tspec: TemplateSpec = {
+        kernel: requireGuestKernel().vmlinux,
+        initrd: agentInitramfs(),
+        cpus: spec.cpus,
+        memoryMiB: spec.memoryMiB,
+        // The same command line coldBoot uses, so a restored sandbox is the booted one.
+        cmdline: guestCmdline(`quiet ${spec.cmdline ?? ''}`),
+        disks: spec.layers,
+      };
+      const id = JSON.stringify(tspec);
+      let pool = pools.get(id);
+      if (!pool) {
+        pool = new TemplatePool({ spec: tspec, root: opts.root, stateDir: spec.stateDir, agentTimeoutMs: opts.agentTimeoutMs ?? spec.agentTimeoutMs });
+        pools.set(id, pool);
+      }
+      const g = await pool.acquire({ stateDir });
+      // The Sandbox connects on its own; this connection only carried SET_IDENTITY.
+      g.client.destroy();
+      return { vm: g.vm, vsockPath: g.vsockPath, serialLog: g.serialLog, layerDevices: g.layerDevices, origin: g.origin };
+    },
+    async close() {
+      for (const p of pools.values()) await p.close();
+    },
+  };
 }
