@@ -368,9 +368,12 @@ export function templateLauncher(opts: { root?: string; agentTimeoutMs?: number 
         pool = new TemplatePool({ spec: tspec, root: opts.root, stateDir: spec.stateDir, agentTimeoutMs: opts.agentTimeoutMs ?? spec.agentTimeoutMs });
         pools.set(id, pool);
       }
+      const t0 = process.hrtime.bigint();
       const g = await pool.acquire({ stateDir });
       // The Sandbox connects on its own; this connection only carried SET_IDENTITY.
       g.client.destroy();
+      const ms = (a: bigint, b: bigint) => (Number(b - a) / 1e6).toFixed(1);
+      templateLog.debug(`restored a sandbox in ${ms(t0, process.hrtime.bigint())} ms: until restore ${ms(t0, g.timings.restoreNs)}, restore -> agent ${ms(g.timings.restoreNs, g.timings.agentReadyNs)}, identity ${ms(g.timings.agentReadyNs, g.timings.identityNs)}`);
       return { vm: g.vm, vsockPath: g.vsockPath, serialLog: g.serialLog, layerDevices: g.layerDevices, origin: g.origin };
     },
     async close() {

@@ -62,7 +62,8 @@ describe('sandboxes restored from a template with their image layers (inside hac
       const t0 = Date.now();
       const sb = await Sandbox.start(spec, { launcher });
       sandboxes.push(sb);
-      console.log(`      sandbox ${i + 1}: started in ${Date.now() - t0} ms (${sb.launched.origin})`);
+      const tm = sb.timings;
+      console.log(`      sandbox ${i + 1}: started in ${Date.now() - t0} ms (${sb.launched.origin}): launch+agent ${(tm.agentReadyMs ?? NaN) - tm.launchStartMs} ms, rootfs ${(tm.rootfsReadyMs ?? NaN) - (tm.agentReadyMs ?? NaN)} ms`);
       assert.equal(sb.launched.origin, 'template restore');
     }
     assert.equal(readdirSync(join(work, 'templates')).filter((n) => /^[0-9a-f]{32}$/.test(n)).length, 1, 'one template for both');
