@@ -350,12 +350,17 @@ export class TemplatePool {
  */
 export function templateLauncher(opts: { root?: string; agentTimeoutMs?: number } = {}): VmLauncher & { close(): Promise<void> } {
   const pools = new Map<string, TemplatePool>();
+  // Looked up once per launcher: each lookup runs helper programs
+  // (hack/guest-kernel --check, file -L on busybox) that cost seconds in the
+  // lab, more than the restore itself. Their content is in the template key.
+  let guest: { kernel: string; initrd: string } | undefined;
   return {
     name: 'template restore',
     async launch(spec: SandboxSpec, stateDir: string): Promise<LaunchedVm> {
+      guest ??= { kernel: requireGuestKernel().vmlinux, initrd: agentInitramfs() };
       const tspec: TemplateSpec = {
-        kernel: requireGuestKernel().vmlinux,
-        initrd: agentInitramfs(),
+        kernel: guest.kernel,
+        initrd: guest.initrd,
         cpus: spec.cpus,
         memoryMiB: spec.memoryMiB,
         // The same command line coldBoot uses, so a restored sandbox is the booted one.
