@@ -253,6 +253,20 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
       truncateSync(join(short, 'memory'), 1 << 20);
       await refused(opts(short), /truncated or replaced/);
     });
+    it('a snapshot of another kernel or initrd than expected', async () => {
+      const o = opts(main.snap);
+      await refused({ ...o, expect: { kernelSha256: '0'.repeat(64) } }, /booted from another kernel/);
+      await refused({ ...o, expect: { initrdSha256: '0'.repeat(64) } }, /booted without an initrd/);
+      const d = await Vm.inspectSnapshot(main.snap);
+      assert.deepEqual([d.kernelSha256, d.initrd, d.disks, d.vsock, d.cpus], [main.info.kernelSha256, undefined, [{ readOnly: false, id: 'd0' }, { readOnly: false, id: 'd1' }], true, 1]);
+      assert.match(d.cmdline, /tg\.pause=after-blk0/);
+      await assert.rejects(Vm.inspectSnapshot(scratch.path('bad-trunc')), SnapshotError);
+    });
+    it('bad restore options are InvalidArgumentError before anything is read', async () => {
+      await assert.rejects(Vm.restore({ snapshot: '', serialLog: 'x' }), InvalidArgumentError);
+      await assert.rejects(Vm.restore({ snapshot: main.snap, serialLog: '' }), InvalidArgumentError);
+      await assert.rejects(Vm.restore({ ...opts(main.snap), vsock: { cid: 2, udsPath: 'x' } }), /guest CIDs start at 3/);
+    });
     it('disks that differ: count, size, readOnly; vsock missing', async () => {
       const o = opts(main.snap);
       await refused({ ...o, disks: o.disks!.slice(0, 1) }, /has 2 disk\(s\), 1 given/);

@@ -349,6 +349,15 @@ kvm::MachineConfig RestoreConfig(const Image& image, const RestoreOptions& o) {
 std::unique_ptr<kvm::Machine> Restore(const RestoreOptions& o) {
   uint64_t began = NowNs();
   Image image = Image::Load(o.dir);
+  const SnapshotConfig& c = image.config;
+  if (!o.expect_kernel_sha256.empty() && o.expect_kernel_sha256 != c.kernel.sha256)
+    throw VmmError(ErrorKind::Snapshot, "restore VM",
+                   o.dir + " was booted from another kernel (" + c.kernel.path + ", SHA-256 " + c.kernel.sha256 + "): make a new snapshot");
+  if (!o.expect_initrd_sha256.empty() && (!c.initrd || o.expect_initrd_sha256 != c.initrd->sha256))
+    throw VmmError(ErrorKind::Snapshot, "restore VM",
+                   o.dir + (c.initrd ? " was booted from another initrd (" + c.initrd->path + ", SHA-256 " + c.initrd->sha256 + ")"
+                                     : std::string(" was booted without an initrd")) +
+                       ": make a new snapshot");
   if (o.verify_memory) {
     uint32_t crc = MemoryFileCrc(image.memory_path);
     if (crc != image.config.memory_crc)
