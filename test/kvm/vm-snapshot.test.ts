@@ -39,7 +39,7 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
   const bytes = 256 << 10;
 
   /** Boots the test guest to its snapshot point, snapshots it, kills it. */
-  async function takeSnapshot(name: string, vsockBytes: number, cpus = 1): Promise<Original> {
+  async function takeSnapshot(name: string, vsockBytes: number, cpus = 1, memoryMiB = 64): Promise<Original> {
     const d0 = scratch.path(`${name}-d0.img`), d1 = scratch.path(`${name}-d1.img`);
     randomDisk(d0, 512 << 10);
     const disk1Original = randomDisk(d1, 512 << 10);
@@ -47,7 +47,7 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
       kernel: requireTestguest(),
       cmdline: `tg.mode=check tg.seed=${seed} tg.write_off=${off} tg.write_len=${len} tg.vsock_port=${port} ` +
         `tg.vsock_listen=${listen} tg.vsock_bytes=${vsockBytes} tg.pause=after-blk0`,
-      memoryMiB: 64,
+      memoryMiB,
       cpus,
       serialLog: scratch.path(`${name}.serial`),
       disks: [{ path: d0, id: 'd0' }, { path: d1, id: 'd1' }],
@@ -163,10 +163,11 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
     assert.equal(crc32hex(readFileSync(join(main.snap, 'memory'))), memBefore, 'MAP_PRIVATE: the guests wrote only their own copies');
   });
 
-  it('a 2-vCPU VM (the second parked where the guest left it) restores and finishes its checks', async function () {
+  it('a 2-vCPU VM with RAM above 4 GiB (the second vCPU parked where the guest left it) restores and finishes its checks', async function () {
     this.timeout(150_000);
-    const smp = await takeSnapshot('smp', 4096, 2);
-    assert.equal(smp.info.cpus, 2);
+    // 3.25 GiB: 3 GiB below the PCI hole, the rest from 4 GiB up; both regions are mapped from the file.
+    const smp = await takeSnapshot('smp', 4096, 2, 3328);
+    assert.deepEqual([smp.info.cpus, smp.info.memoryBytes, statSync(join(smp.snap, 'memory')).size], [2, 3328 * 2 ** 20, 3328 * 2 ** 20]);
     assertFinished(smp, await restoreAndRun(smp, 'smp-r', 12, 4096), 12);
   });
 
