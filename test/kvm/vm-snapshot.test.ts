@@ -171,6 +171,30 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
     assertFinished(smp, await restoreAndRun(smp, 'smp-r', 12, 4096), 12);
   });
 
+  it('paused in the middle of serial output (an I/O exit just handled), the restored guest neither repeats nor loses a byte', async function () {
+    this.timeout(120_000);
+    const n = 1000;
+    const cfg: VmConfig = { kernel: requireTestguest(), cmdline: `tg.mode=serial tg.n=${n}`, memoryMiB: 64, cpus: 1, serialLog: scratch.path('io.serial') };
+    const vm = await Vm.create(cfg);
+    const snap = scratch.path('io-snap');
+    try {
+      vm.start();
+      await waitForSerialLine(cfg.serialLog, /^TG serial seq=200 /m, vm.wait(), 60_000);
+      await vm.pause();
+      await vm.snapshot(snap);
+    } finally {
+      await vm.kill();
+    }
+    const before = readFileSync(cfg.serialLog, 'latin1');
+    const r = await Vm.restore({ snapshot: snap, serialLog: scratch.path('io-r.serial') });
+    r.start();
+    assert.deepEqual(await exitWithin(r, 60_000), { reason: 'guest-exit', code: 0 });
+    const whole = before + readFileSync(scratch.path('io-r.serial'), 'latin1');
+    const lines = whole.split('\n').filter((l) => l.startsWith('TG serial '));
+    assert.equal(lines.length, n, `every line exactly once (the cut was after byte ${before.length})`);
+    lines.forEach((l, i) => assert.equal(l, `TG serial seq=${i} of=${n}`, `line ${i}, around the cut at byte ${before.length}`));
+  });
+
   it('10 restores in a row leave no fds, threads, mappings or RSS behind', async function () {
     this.timeout(300_000);
     const small = await takeSnapshot('leak', 4096);

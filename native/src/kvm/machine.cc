@@ -430,7 +430,26 @@ void Machine::RunVcpu(Vcpu& v) {
     std::lock_guard<std::mutex> g(mu_);
     live_threads_.push_back(pthread_self());
   }
+  bool io_pending = false;  // an IO/MMIO exit KVM completes at the next KVM_RUN
   for (;;) {
+    // Hazard (KVM api.rst, KVM_RUN): an IO or MMIO exit is complete (RIP past
+    // the instruction, an IN's value in its register) only once KVM_RUN is
+    // entered again. A vCPU parked right after one would be snapshotted at
+    // the instruction and replay it when restored (a serial byte twice). So
+    // before parking, enter once with immediate_exit set: KVM finishes the
+    // operation and returns EINTR without running guest code.
+    if (io_pending) {
+      bool pausing;
+      {
+        std::lock_guard<std::mutex> g(mu_);
+        pausing = pause_requested_ && !stopping_;
+      }
+      if (pausing) {
+        v.run->immediate_exit = 1;
+        ioctl(v.fd, KVM_RUN, 0);
+        io_pending = false;
+      }
+    }
     // Cleared before the flags are read: a kick after this point either is
     // seen in the flags or makes the next KVM_RUN return at once.
     v.run->immediate_exit = 0;
@@ -448,7 +467,9 @@ void Machine::RunVcpu(Vcpu& v) {
       uint64_t expected = 0;
       first_entry_ns_.compare_exchange_strong(expected, NowNs());
     }
-    if (ioctl(v.fd, KVM_RUN, 0) != 0) {
+    int rc = ioctl(v.fd, KVM_RUN, 0);
+    io_pending = false;
+    if (rc != 0) {
       if (errno == EINTR || errno == EAGAIN) {
         interrupted_.fetch_add(1, std::memory_order_relaxed);
         continue;
@@ -463,6 +484,7 @@ void Machine::RunVcpu(Vcpu& v) {
     uint32_t reason = v.run->exit_reason;
     exit_counts_[reason < exit_counts_.size() ? reason : 0].fetch_add(1, std::memory_order_relaxed);
     if (!HandleExit(v)) break;
+    io_pending = reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO;
   }
   std::function<void(const VmExit&)> notify;
   VmExit exit;
