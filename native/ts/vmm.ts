@@ -92,15 +92,9 @@ export interface RestoreOptions {
 }
 
 /** A snapshot directory's recorded inputs (Vm.inspectSnapshot), checked but not restored. */
-export interface SnapshotDescription {
-  dir: string;
-  version: number;
-  memoryBytes: number;
-  memoryFileBytes: number;
-  memoryDataBytes: number;
-  cpus: number;
+export interface SnapshotDescription
+  extends Pick<SnapshotInfo, 'dir' | 'version' | 'memoryBytes' | 'memoryFileBytes' | 'memoryDataBytes' | 'cpus' | 'kernelSha256'> {
   kernel: string;
-  kernelSha256: string;
   initrd?: string;
   initrdSha256?: string;
   /** The command line given at creation (without the VMM's virtio_mmio entries). */
