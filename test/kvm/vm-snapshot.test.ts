@@ -211,6 +211,43 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
     lines.forEach((l, i) => assert.equal(l, `TG serial seq=${i} of=${n}`, `line ${i} (${cuts})`));
   });
 
+  it('resume() or kill() racing a snapshot: the snapshot is whole (and restores) or refused, never half-written', async function () {
+    this.timeout(120_000);
+    const outcomes: string[] = [];
+    for (let i = 0; i < 6; i++) {
+      const cfg: VmConfig = { kernel: requireTestguest(), cmdline: 'tg.mode=serial tg.n=100000', memoryMiB: 64, cpus: 1, serialLog: scratch.path(`race-${i}.serial`) };
+      const vm = await Vm.create(cfg);
+      const dir = scratch.path(`race-${i}`);
+      try {
+        vm.start();
+        await waitForSerialLine(cfg.serialLog, /^TG serial seq=20 /m, vm.wait(), 60_000);
+        await vm.pause();
+        const taking = vm.snapshot(dir);
+        // Half the runs race a resume, half a kill; some after a turn of the event loop.
+        if (i % 3 === 1) await new Promise((r) => setImmediate(r));
+        if (i % 2 === 0) vm.resume();
+        else void vm.kill();
+        const [r] = await Promise.allSettled([taking]);
+        if (r.status === 'fulfilled') {
+          const d = await Vm.inspectSnapshot(dir);
+          assert.equal(d.memoryBytes, 64 << 20);
+          const back = await Vm.restore({ snapshot: dir, serialLog: scratch.path(`race-${i}-r.serial`) });
+          await back.kill();
+          outcomes.push('whole');
+        } else {
+          assert.ok(r.reason instanceof InvalidArgumentError, String(r.reason));
+          assert.throws(() => statSync(join(dir, 'state')), 'no state file from a refused snapshot');
+          outcomes.push('refused');
+        }
+        // The resumed guest runs on once the snapshot let go of its vCPUs.
+        if (i % 2 === 0) await waitForSerialLine(cfg.serialLog, /^TG serial seq=200 /m, vm.wait(), 60_000);
+      } finally {
+        await vm.kill();
+      }
+    }
+    console.log(`      outcomes: ${outcomes.join(' ')}`);
+  });
+
   it('10 restores in a row leave no fds, threads, mappings or RSS behind', async function () {
     this.timeout(300_000);
     const small = await takeSnapshot('leak', 4096);

@@ -455,7 +455,8 @@ void Machine::RunVcpu(Vcpu& v) {
     v.run->immediate_exit = 0;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      while (pause_requested_ && !stopping_) {
+      // A snapshot in progress keeps the vCPUs parked even if resumed meanwhile.
+      while ((pause_requested_ || snapshotting_) && !stopping_) {
         parked_++;
         cv_.notify_all();
         cv_.wait(lk);
@@ -698,6 +699,11 @@ VmExit Machine::Teardown() {
   for (auto& t : threads_)
     if (t.joinable()) t.join();
   threads_.clear();
+  {
+    // A snapshot still reading vCPU state and RAM finishes before they go.
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return !snapshotting_; });
+  }
   ReleaseResources();
   std::lock_guard<std::mutex> g(mu_);
   torn_down_ = true;

@@ -432,13 +432,26 @@ bool Machine::paused() const {
 snapshot::Summary Machine::Snapshot(const std::string& dir) {
   using namespace snapshot;
   uint64_t t0 = NowNs();
-  // Held for the whole snapshot: a Resume (or stop) cannot start the vCPUs
-  // while their state is read. Resume takes mu_ too, so it waits for us.
-  std::unique_lock<std::mutex> run_lock(mu_);
-  if (!(started_ && !stopping_ && !torn_down_ && pause_requested_ && parked_ >= running_threads_))
-    throw VmmError(ErrorKind::InvalidArgument, "snapshot VM",
-                   torn_down_ || stopping_ ? "the VM has stopped" : "the VM is not paused: await pause() first");
-  if (dir.empty()) throw VmmError(ErrorKind::InvalidArgument, "snapshot VM", "no directory given");
+  // snapshotting_ keeps the vCPUs parked (a resume() meanwhile takes effect
+  // after) and holds off Teardown's release of fds and RAM (a kill() meanwhile
+  // waits for us), without holding mu_: resume/kill run on the JS thread.
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!(started_ && !stopping_ && !torn_down_ && pause_requested_ && parked_ >= running_threads_))
+      throw VmmError(ErrorKind::InvalidArgument, "snapshot VM",
+                     torn_down_ || stopping_ ? "the VM has stopped" : "the VM is not paused: await pause() first");
+    if (snapshotting_) throw VmmError(ErrorKind::InvalidArgument, "snapshot VM", "a snapshot of this VM is already being taken");
+    if (dir.empty()) throw VmmError(ErrorKind::InvalidArgument, "snapshot VM", "no directory given");
+    snapshotting_ = true;
+  }
+  struct Done {
+    Machine* m;
+    ~Done() {
+      std::lock_guard<std::mutex> g(m->mu_);
+      m->snapshotting_ = false;
+      m->cv_.notify_all();
+    }
+  } done{this};
   Summary sum;
   sum.dir = dir;
   CpuCaps caps = CpuCaps::Probe(*kvm_, vm_fd_);
