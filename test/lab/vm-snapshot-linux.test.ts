@@ -29,6 +29,29 @@ async function agentReady(udsPath: string, serialLog: string, timeoutMs: number)
   assert.fail(`no agent on ${udsPath} within ${timeoutMs} ms (last: ${last?.message}); serial log:\n${readFileSync(serialLog, 'latin1')}`);
 }
 
+/**
+ * This process's mappings of `file` from /proc/self/smaps: each one's resident
+ * KiB and its anonymous KiB (pages the guest wrote: copied, unique to that
+ * clone; the rest is the file's page cache, which the clones share).
+ */
+function mappingsOf(file: string): { rssKiB: number; privateKiB: number }[] {
+  const out: { rssKiB: number; privateKiB: number }[] = [];
+  let cur: { rssKiB: number; privateKiB: number } | undefined;
+  for (const line of readFileSync('/proc/self/smaps', 'utf8').split('\n')) {
+    if (/^[0-9a-f]+-[0-9a-f]+ /.test(line)) {
+      cur = line.endsWith(` ${file}`) ? { rssKiB: 0, privateKiB: 0 } : undefined;
+      if (cur) out.push(cur);
+      continue;
+    }
+    const m = /^(Rss|Anonymous):\s+(\d+) kB/.exec(line);
+    if (cur && m) {
+      if (m[1] === 'Rss') cur.rssKiB += Number(m[2]);
+      else cur.privateKiB += Number(m[2]);
+    }
+  }
+  return out;
+}
+
 /** Runs argv through the agent; its exit status and stdout. */
 async function sh(client: AgentClient, script: string): Promise<{ code: number | null; out: string }> {
   const p = await client.exec({ args: ['/bin/busybox', 'sh', '-c', script], env: ['PATH=/bin'] });
@@ -114,6 +137,13 @@ describe('Linux guest snapshot/restore with the agent (inside hack/kvm-lab)', fu
       assert.equal(inB.out, 'absent\n', 'a file written in clone a is not in clone b');
       // Not asserted here (the fresh-identity step is the template pool's):
       // without a reseed both clones start from the same RNG state.
+      // Copy-on-write: the clones' RAM is one memory file; what a clone wrote is its own.
+      const maps = mappingsOf(join(snap, 'memory'));
+      assert.equal(maps.length, 2, 'one private mapping of the memory file per clone');
+      const rss = maps.reduce((s, m) => s + m.rssKiB, 0), unique = maps.reduce((s, m) => s + m.privateKiB, 0);
+      console.log(`      clones' RAM: resident ${maps.map((m) => `${(m.rssKiB / 1024).toFixed(1)}`).join(' + ')} MiB, ` +
+        `copied (written by each) ${maps.map((m) => `${(m.privateKiB / 1024).toFixed(1)}`).join(' + ')} MiB; the rest is the memory file's page cache, shared`);
+      assert.ok(unique < rss, 'some resident pages are shared between the clones');
       const ra = await sh(a.client, 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \\n"');
       const rb = await sh(b.client, 'head -c 16 /dev/urandom | od -An -tx1 | tr -d " \\n"');
       console.log(`      /dev/urandom after restore: a ${ra.out}, b ${rb.out} (${ra.out === rb.out ? 'SAME: needs the reseed' : 'differ'})`);
