@@ -12,7 +12,7 @@ import { requireKvm } from '../helpers/kvm';
 import {
   connectToGuest, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, TgOutput, waitForSerialLine, within,
 } from '../../native/ts/testguest';
-import { Scratch, exitWithin, usage } from './vm-helpers';
+import { Scratch, exitWithin, sleep, usage } from './vm-helpers';
 
 const seed = 0x51ab, off = 8192, len = 128 << 10, port = 5000, listen = 6000;
 
@@ -223,8 +223,9 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
         await waitForSerialLine(cfg.serialLog, /^TG serial seq=20 /m, vm.wait(), 60_000);
         await vm.pause();
         const taking = vm.snapshot(dir);
-        // Half the runs race a resume, half a kill; some after a turn of the event loop.
+        // Half the runs race a resume, half a kill: at once, after a turn of the event loop, or 2 ms in.
         if (i % 3 === 1) await new Promise((r) => setImmediate(r));
+        if (i % 3 === 2) await sleep(2);
         if (i % 2 === 0) vm.resume();
         else void vm.kill();
         const [r] = await Promise.allSettled([taking]);

@@ -432,24 +432,6 @@ void Machine::RunVcpu(Vcpu& v) {
   }
   bool io_pending = false;  // an IO/MMIO exit KVM completes at the next KVM_RUN
   for (;;) {
-    // Hazard (KVM api.rst, KVM_RUN): an IO or MMIO exit is complete (RIP past
-    // the instruction, an IN's value in its register) only once KVM_RUN is
-    // entered again. A vCPU parked right after one would be snapshotted at
-    // the instruction and replay it when restored (a serial byte twice). So
-    // before parking, enter once with immediate_exit set: KVM finishes the
-    // operation and returns EINTR without running guest code.
-    if (io_pending) {
-      bool pausing;
-      {
-        std::lock_guard<std::mutex> g(mu_);
-        pausing = pause_requested_ && !stopping_;
-      }
-      if (pausing) {
-        v.run->immediate_exit = 1;
-        ioctl(v.fd, KVM_RUN, 0);
-        io_pending = false;
-      }
-    }
     // Cleared before the flags are read: a kick after this point either is
     // seen in the flags or makes the next KVM_RUN return at once.
     v.run->immediate_exit = 0;
@@ -457,6 +439,22 @@ void Machine::RunVcpu(Vcpu& v) {
       std::unique_lock<std::mutex> lk(mu_);
       // A snapshot in progress keeps the vCPUs parked even if resumed meanwhile.
       while ((pause_requested_ || snapshotting_) && !stopping_) {
+        // Hazard (KVM api.rst, KVM_RUN): an IO or MMIO exit is complete (RIP
+        // past the instruction, an IN's value in its register) only once
+        // KVM_RUN is entered again. A vCPU parked right after one would be
+        // snapshotted at the instruction and replay it when restored (the
+        // lab saw a serial line doubled). So before parking, enter once with
+        // immediate_exit set: KVM finishes the operation and returns EINTR
+        // without running guest code. Then the flags are read again.
+        if (io_pending) {
+          lk.unlock();
+          v.run->immediate_exit = 1;
+          ioctl(v.fd, KVM_RUN, 0);
+          v.run->immediate_exit = 0;
+          io_pending = false;
+          lk.lock();
+          continue;
+        }
         parked_++;
         cv_.notify_all();
         cv_.wait(lk);
