@@ -14,11 +14,16 @@ import { agentBinary, buildAgentInitramfs, findGuestKernel, GuestKernel, guestCm
 
 const READY_TIMEOUT_MS = 120_000;
 
-/** Connects to the agent, retrying while the guest's listener is not up yet. */
-async function agentReady(udsPath: string, serialLog: string, timeoutMs: number): Promise<AgentClient> {
+/** Connects to the agent, retrying while the guest's listener is not up yet; fails at once if the VM stops. */
+async function agentReady(vm: Vm, udsPath: string, serialLog: string, timeoutMs: number): Promise<AgentClient> {
   const t0 = Date.now();
   let last: Error | undefined;
+  let exit: unknown;
+  void vm.wait().then((e) => (exit = e), (e: unknown) => (exit = e));
   while (Date.now() - t0 < timeoutMs) {
+    if (exit !== undefined)
+      assert.fail(`the VM stopped before its agent answered: ${JSON.stringify(exit, (_k, v: unknown) => (typeof v === 'bigint' ? `0x${v.toString(16)}` : v))}; ` +
+        `serial log:\n${readFileSync(serialLog, 'latin1')}`);
     try {
       return await AgentClient.connectHybridVsock(udsPath);
     } catch (e) {
@@ -104,7 +109,7 @@ describe('Linux guest snapshot/restore with the agent (inside hack/kvm-lab)', fu
     const t0 = Date.now();
     try {
       src.start();
-      const client = await agentReady(join(work, 'src.vsock'), join(work, 'src.serial'), READY_TIMEOUT_MS);
+      const client = await agentReady(src, join(work, 'src.vsock'), join(work, 'src.serial'), READY_TIMEOUT_MS);
       const bootMs = Date.now() - t0;
       assert.equal((await sh(client, 'echo booted')).out, 'booted\n');
       client.close();
@@ -116,15 +121,24 @@ describe('Linux guest snapshot/restore with the agent (inside hack/kvm-lab)', fu
       await src.kill();
     }
 
-    const clones = ['a', 'b'].map(async (name, i) => {
+    // Every VM restored here is killed whatever fails: a live VM keeps the process (and the lab) running.
+    const vms: Vm[] = [];
+    const clones = await Promise.allSettled(['a', 'b'].map(async (name, i) => {
       const udsPath = join(work, `${name}.vsock`), serialLog = join(work, `${name}.serial`);
       const t = Date.now();
       const vm = await Vm.restore({ snapshot: snap, serialLog, vsock: { cid: 10 + i, udsPath } });
+      vms.push(vm);
       vm.start();
-      const client = await agentReady(udsPath, serialLog, 30_000);
+      const client = await agentReady(vm, udsPath, serialLog, 30_000);
       return { name, vm, client, readyMs: Date.now() - t, stats: vm.stats() };
-    });
-    const [a, b] = await Promise.all(clones);
+    }));
+    const failed = clones.find((c): c is PromiseRejectedResult => c.status === 'rejected');
+    if (failed) {
+      for (const c of clones) if (c.status === 'fulfilled') c.value.client.close();
+      await Promise.all(vms.map((vm) => vm.kill()));
+      throw failed.reason;
+    }
+    const [a, b] = clones.map((c) => (c as PromiseFulfilledResult<{ name: string; vm: Vm; client: AgentClient; readyMs: number; stats: ReturnType<Vm['stats']> }>).value);
     try {
       for (const c of [a, b]) {
         assert.equal(c.stats.vsockResetSent, true, `${c.name}: the guest got the transport reset`);
