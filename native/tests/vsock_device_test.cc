@@ -539,6 +539,22 @@ TEST_CASE("vsock: transport reset event drops connections and reaches the event 
   close(listener);
 }
 
+TEST_CASE("vsock: after a transport reset, nothing reaches the guest until it has re-read its CID") {
+  Guest g;
+  g.ev.Add({{0x20000, 8, true}});
+  g.drv->Notify(2);
+  EXPECT(VsockSendTransportReset(*g.dev));
+  int client = ConnectUnix(g.uds);
+  EXPECT(write(client, "CONNECT 61\n", 11) == 11);
+  // A guest that has not handled the event yet would answer from its old CID.
+  EXPECT(!g.Recv(300).has_value());
+  uint8_t cid[8];
+  g.transport->Read(MmioTransport::kConfig, cid, 4);  // what Linux's event handler does first
+  auto req = g.Expect(vsock::kOpRequest);
+  EXPECT_EQ(req.h.dst_port, 61u);
+  close(client);
+}
+
 TEST_CASE("vsock: a host client the guest never answers, or that never sends CONNECT, is closed in time") {
   Guest g(kRxBufSize, 300);
   int silent = ConnectUnix(g.uds);  // never writes its CONNECT line

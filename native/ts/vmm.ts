@@ -87,6 +87,20 @@ export interface RestoreOptions {
   kvmDevice?: string;
   /** Re-read the whole memory file and check its checksum first (slow; off by default). */
   verifyMemory?: boolean;
+  /** Refuse (SnapshotError) a snapshot booted from another kernel/initrd: SHA-256 hex of the expected files. */
+  expect?: { kernelSha256?: string; initrdSha256?: string };
+}
+
+/** A snapshot directory's recorded inputs (Vm.inspectSnapshot), checked but not restored. */
+export interface SnapshotDescription
+  extends Pick<SnapshotInfo, 'dir' | 'version' | 'memoryBytes' | 'memoryFileBytes' | 'memoryDataBytes' | 'cpus' | 'kernelSha256'> {
+  kernel: string;
+  initrd?: string;
+  initrdSha256?: string;
+  /** The command line given at creation (without the VMM's virtio_mmio entries). */
+  cmdline: string;
+  disks: { readOnly: boolean; id: string }[];
+  vsock: boolean;
 }
 
 /** Every error the VMM raises; `op` names the failing operation, `code` the errno name when there is one. */
@@ -143,6 +157,7 @@ interface NativeVmHandle {
 interface NativeAddon {
   createVm(config: VmConfig): Promise<NativeVmHandle>;
   restoreVm(options: RestoreOptions): Promise<NativeVmHandle>;
+  inspectSnapshot(dir: string): Promise<SnapshotDescription>;
   defaultKvmDevice(): string;
 }
 
@@ -212,6 +227,15 @@ export class Vm {
       bad(`vsock.cid is ${options.vsock.cid}: guest CIDs start at 3 (0-2 are reserved)`);
     try {
       return new Vm(await native().restoreVm(options));
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  /** Reads and checks a snapshot directory's state file (SnapshotError if damaged) without restoring it. */
+  static async inspectSnapshot(dir: string): Promise<SnapshotDescription> {
+    try {
+      return await native().inspectSnapshot(dir);
     } catch (e) {
       throw typed(e);
     }

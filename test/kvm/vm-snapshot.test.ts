@@ -12,7 +12,7 @@ import { requireKvm } from '../helpers/kvm';
 import {
   connectToGuest, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, TgOutput, waitForSerialLine, within,
 } from '../../native/ts/testguest';
-import { Scratch, exitWithin, usage } from './vm-helpers';
+import { Scratch, exitWithin, sleep, usage } from './vm-helpers';
 
 const seed = 0x51ab, off = 8192, len = 128 << 10, port = 5000, listen = 6000;
 
@@ -39,7 +39,7 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
   const bytes = 256 << 10;
 
   /** Boots the test guest to its snapshot point, snapshots it, kills it. */
-  async function takeSnapshot(name: string, vsockBytes: number): Promise<Original> {
+  async function takeSnapshot(name: string, vsockBytes: number, cpus = 1, memoryMiB = 64): Promise<Original> {
     const d0 = scratch.path(`${name}-d0.img`), d1 = scratch.path(`${name}-d1.img`);
     randomDisk(d0, 512 << 10);
     const disk1Original = randomDisk(d1, 512 << 10);
@@ -47,8 +47,8 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
       kernel: requireTestguest(),
       cmdline: `tg.mode=check tg.seed=${seed} tg.write_off=${off} tg.write_len=${len} tg.vsock_port=${port} ` +
         `tg.vsock_listen=${listen} tg.vsock_bytes=${vsockBytes} tg.pause=after-blk0`,
-      memoryMiB: 64,
-      cpus: 1,
+      memoryMiB,
+      cpus,
       serialLog: scratch.path(`${name}.serial`),
       disks: [{ path: d0, id: 'd0' }, { path: d1, id: 'd1' }],
       vsock: { cid: 3, udsPath: scratch.path(`${name}.sock`) },
@@ -163,6 +163,92 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
     assert.equal(crc32hex(readFileSync(join(main.snap, 'memory'))), memBefore, 'MAP_PRIVATE: the guests wrote only their own copies');
   });
 
+  it('a 2-vCPU VM with RAM above 4 GiB (the second vCPU parked where the guest left it) restores and finishes its checks', async function () {
+    this.timeout(150_000);
+    // 3.25 GiB: 3 GiB below the PCI hole, the rest from 4 GiB up; both regions are mapped from the file.
+    const smp = await takeSnapshot('smp', 4096, 2, 3328);
+    assert.deepEqual([smp.info.cpus, smp.info.memoryBytes, statSync(join(smp.snap, 'memory')).size], [2, 3328 * 2 ** 20, 3328 * 2 ** 20]);
+    assertFinished(smp, await restoreAndRun(smp, 'smp-r', 12, 4096), 12);
+  });
+
+  it('paused in the middle of serial output (an I/O exit just handled), restored, snapshotted again and restored: no byte repeated or lost', async function () {
+    this.timeout(120_000);
+    const n = 1000;
+    const cfg: VmConfig = { kernel: requireTestguest(), cmdline: `tg.mode=serial tg.n=${n}`, memoryMiB: 64, cpus: 1, serialLog: scratch.path('io.serial') };
+    const vm = await Vm.create(cfg);
+    const snap = scratch.path('io-snap');
+    try {
+      vm.start();
+      await waitForSerialLine(cfg.serialLog, /^TG serial seq=200 /m, vm.wait(), 60_000);
+      await vm.pause();
+      await vm.snapshot(snap);
+    } finally {
+      await vm.kill();
+    }
+    const before = readFileSync(cfg.serialLog, 'latin1');
+    // A restored VM is itself snapshotted (its RAM is a private file mapping now) ...
+    const mid = scratch.path('io-r.serial'), snap2 = scratch.path('io-snap2');
+    const r = await Vm.restore({ snapshot: snap, serialLog: mid });
+    try {
+      r.start();
+      await waitForSerialLine(mid, /^TG serial seq=500 /m, r.wait(), 60_000);
+      await r.pause();
+      const info2 = await r.snapshot(snap2);
+      assert.equal(info2.kernelSha256, (await Vm.inspectSnapshot(snap)).kernelSha256, 'the kernel identity carries over');
+    } finally {
+      await r.kill();
+    }
+    // ... and that snapshot restored runs to the end.
+    const last = scratch.path('io-r2.serial');
+    const r2 = await Vm.restore({ snapshot: snap2, serialLog: last });
+    r2.start();
+    assert.deepEqual(await exitWithin(r2, 60_000), { reason: 'guest-exit', code: 0 });
+    const middle = readFileSync(mid, 'latin1');
+    const whole = before + middle + readFileSync(last, 'latin1');
+    const cuts = `cuts after bytes ${before.length} and ${before.length + middle.length}`;
+    const lines = whole.split('\n').filter((l) => l.startsWith('TG serial '));
+    assert.equal(lines.length, n, `every line exactly once (${cuts})`);
+    lines.forEach((l, i) => assert.equal(l, `TG serial seq=${i} of=${n}`, `line ${i} (${cuts})`));
+  });
+
+  it('resume() or kill() racing a snapshot: the snapshot is whole (and restores) or refused, never half-written', async function () {
+    this.timeout(120_000);
+    const outcomes: string[] = [];
+    for (let i = 0; i < 6; i++) {
+      const cfg: VmConfig = { kernel: requireTestguest(), cmdline: 'tg.mode=serial tg.n=100000', memoryMiB: 64, cpus: 1, serialLog: scratch.path(`race-${i}.serial`) };
+      const vm = await Vm.create(cfg);
+      const dir = scratch.path(`race-${i}`);
+      try {
+        vm.start();
+        await waitForSerialLine(cfg.serialLog, /^TG serial seq=20 /m, vm.wait(), 60_000);
+        await vm.pause();
+        const taking = vm.snapshot(dir);
+        // Half the runs race a resume, half a kill: at once, after a turn of the event loop, or 2 ms in.
+        if (i % 3 === 1) await new Promise((r) => setImmediate(r));
+        if (i % 3 === 2) await sleep(2);
+        if (i % 2 === 0) vm.resume();
+        else void vm.kill();
+        const [r] = await Promise.allSettled([taking]);
+        if (r.status === 'fulfilled') {
+          const d = await Vm.inspectSnapshot(dir);
+          assert.equal(d.memoryBytes, 64 << 20);
+          const back = await Vm.restore({ snapshot: dir, serialLog: scratch.path(`race-${i}-r.serial`) });
+          await back.kill();
+          outcomes.push('whole');
+        } else {
+          assert.ok(r.reason instanceof InvalidArgumentError, String(r.reason));
+          assert.throws(() => statSync(join(dir, 'state')), 'no state file from a refused snapshot');
+          outcomes.push('refused');
+        }
+        // The resumed guest runs on once the snapshot let go of its vCPUs.
+        if (i % 2 === 0) await waitForSerialLine(cfg.serialLog, /^TG serial seq=200 /m, vm.wait(), 60_000);
+      } finally {
+        await vm.kill();
+      }
+    }
+    console.log(`      outcomes: ${outcomes.join(' ')}`);
+  });
+
   it('10 restores in a row leave no fds, threads, mappings or RSS behind', async function () {
     this.timeout(300_000);
     const small = await takeSnapshot('leak', 4096);
@@ -252,6 +338,20 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
       copyFileSync(join(main.snap, 'memory'), join(short, 'memory'));
       truncateSync(join(short, 'memory'), 1 << 20);
       await refused(opts(short), /truncated or replaced/);
+    });
+    it('a snapshot of another kernel or initrd than expected', async () => {
+      const o = opts(main.snap);
+      await refused({ ...o, expect: { kernelSha256: '0'.repeat(64) } }, /booted from another kernel/);
+      await refused({ ...o, expect: { initrdSha256: '0'.repeat(64) } }, /booted without an initrd/);
+      const d = await Vm.inspectSnapshot(main.snap);
+      assert.deepEqual([d.kernelSha256, d.initrd, d.disks, d.vsock, d.cpus], [main.info.kernelSha256, undefined, [{ readOnly: false, id: 'd0' }, { readOnly: false, id: 'd1' }], true, 1]);
+      assert.match(d.cmdline, /tg\.pause=after-blk0/);
+      await assert.rejects(Vm.inspectSnapshot(scratch.path('bad-trunc')), SnapshotError);
+    });
+    it('bad restore options are InvalidArgumentError before anything is read', async () => {
+      await assert.rejects(Vm.restore({ snapshot: '', serialLog: 'x' }), InvalidArgumentError);
+      await assert.rejects(Vm.restore({ snapshot: main.snap, serialLog: '' }), InvalidArgumentError);
+      await assert.rejects(Vm.restore({ ...opts(main.snap), vsock: { cid: 2, udsPath: 'x' } }), /guest CIDs start at 3/);
     });
     it('disks that differ: count, size, readOnly; vsock missing', async () => {
       const o = opts(main.snap);

@@ -78,6 +78,12 @@ snapshot::RestoreOptions ParseRestore(Napi::Env env, Napi::Value value) {
   r.dir = String(env, o, "snapshot", true, "options.");
   r.serial_log = String(env, o, "serialLog", true, "options.");
   r.kvm_device = String(env, o, "kvmDevice", false, "options.");
+  Napi::Value expect = o.Get("expect");
+  if (!expect.IsUndefined()) {
+    if (!expect.IsObject()) Invalid(env, "restore VM", "options.expect must be an object");
+    r.expect_kernel_sha256 = String(env, expect.As<Napi::Object>(), "kernelSha256", false, "options.expect.");
+    r.expect_initrd_sha256 = String(env, expect.As<Napi::Object>(), "initrdSha256", false, "options.expect.");
+  }
   Napi::Value verify = o.Get("verifyMemory");
   r.verify_memory = verify.IsBoolean() && verify.As<Napi::Boolean>().Value();
   Napi::Value disks = o.Get("disks");
@@ -110,6 +116,55 @@ snapshot::RestoreOptions ParseRestore(Napi::Env env, Napi::Value value) {
   return r;
 }
 
+// What a snapshot directory holds, checked (state file and memory file size)
+// but not restored: a template pool compares it with its inputs.
+class InspectWorker : public PromiseWorker {
+ public:
+  InspectWorker(Napi::Env env, std::string dir) : PromiseWorker(env), dir_(std::move(dir)) {}
+  void Work() override { image_ = snapshot::Image::Load(dir_); }
+  Napi::Value Result(Napi::Env env) override {
+    const auto& c = image_.config;
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("dir", dir_);
+    o.Set("version", Napi::Number::New(env, image_.version));
+    o.Set("memoryBytes", Napi::Number::New(env, static_cast<double>(c.memory_bytes)));
+    o.Set("memoryFileBytes", Napi::Number::New(env, static_cast<double>(image_.memory_allocated_bytes)));
+    o.Set("memoryDataBytes", Napi::Number::New(env, static_cast<double>(c.memory_data_bytes)));
+    o.Set("cpus", Napi::Number::New(env, c.cpus));
+    o.Set("kernel", c.kernel.path);
+    o.Set("kernelSha256", c.kernel.sha256);
+    if (c.initrd) {
+      o.Set("initrd", c.initrd->path);
+      o.Set("initrdSha256", c.initrd->sha256);
+    }
+    o.Set("cmdline", c.boot_cmdline);
+    Napi::Array disks = Napi::Array::New(env, c.disks.size());
+    for (uint32_t i = 0; i < c.disks.size(); i++) {
+      Napi::Object d = Napi::Object::New(env);
+      d.Set("readOnly", Napi::Boolean::New(env, c.disks[i].read_only));
+      d.Set("id", c.disks[i].id);
+      disks.Set(i, d);
+    }
+    o.Set("disks", disks);
+    o.Set("vsock", Napi::Boolean::New(env, c.has_vsock));
+    return o;
+  }
+
+ private:
+  std::string dir_;
+  snapshot::Image image_;
+};
+
+Napi::Value InspectSnapshot(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsString() || info[0].As<Napi::String>().Utf8Value().empty())
+    Invalid(env, "inspect snapshot", "inspectSnapshot(dir): dir must be a snapshot directory");
+  auto* w = new InspectWorker(env, info[0].As<Napi::String>().Utf8Value());
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
 Napi::Value RestoreVm(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   auto* w = new RestoreWorker(env, ParseRestore(env, info[0]));
@@ -120,6 +175,7 @@ Napi::Value RestoreVm(const Napi::CallbackInfo& info) {
 
 void InitSnapshot(Napi::Env env, Napi::Object exports) {
   exports.Set("restoreVm", Napi::Function::New(env, RestoreVm, "restoreVm"));
+  exports.Set("inspectSnapshot", Napi::Function::New(env, InspectSnapshot, "inspectSnapshot"));
 }
 
 Registrar reg("snapshot", InitSnapshot);

@@ -11,16 +11,23 @@ namespace vmlet {
 
 namespace {
 constexpr uint64_t kPage = 4096;
-}
 
-GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const std::string& name) {
-  if (layout.empty()) throw VmmError(ErrorKind::Memory, "create guest memory", "no regions given");
+// The total size of a layout of page-aligned, non-empty, non-wrapping regions.
+uint64_t CheckedTotal(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const char* op) {
+  if (layout.empty()) throw VmmError(ErrorKind::Memory, op, "no regions given");
+  uint64_t total = 0;
   for (auto& [gpa, size] : layout) {
     if (size == 0 || size % kPage || gpa % kPage || gpa + size < gpa)
-      throw VmmError(ErrorKind::Memory, "create guest memory",
+      throw VmmError(ErrorKind::Memory, op,
                      "region at " + std::to_string(gpa) + " of " + std::to_string(size) + " bytes is not page aligned");
-    total_ += size;
+    total += size;
   }
+  return total;
+}
+}  // namespace
+
+GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const std::string& name) {
+  total_ = CheckedTotal(layout, "create guest memory");
   fd_ = memfd_create(name.c_str(), MFD_CLOEXEC);
   if (fd_ < 0) throw SysError(ErrorKind::Memory, "memfd_create for guest RAM");
   if (ftruncate(fd_, static_cast<off_t>(total_)) != 0) {
@@ -44,13 +51,7 @@ GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layou
 }
 
 GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const PrivateFile& file) {
-  if (layout.empty()) throw VmmError(ErrorKind::Memory, "map guest memory file", "no regions given");
-  for (auto& [gpa, size] : layout) {
-    if (size == 0 || size % kPage || gpa % kPage || gpa + size < gpa)
-      throw VmmError(ErrorKind::Memory, "map guest memory file",
-                     "region at " + std::to_string(gpa) + " of " + std::to_string(size) + " bytes is not page aligned");
-    total_ += size;
-  }
+  total_ = CheckedTotal(layout, "map guest memory file");
   int fd = open(file.path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw SysError(ErrorKind::Memory, "open guest memory file", file.path);
   struct stat st {};

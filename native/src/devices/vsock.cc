@@ -133,6 +133,12 @@ class VirtioVsock : public VirtioDevice {
   uint64_t device_features() const override { return kFeatureVersion1 | kFeatureEventIdx; }
   std::vector<uint16_t> queue_max_sizes() const override { return {kQueueSize, kQueueSize, kQueueSize}; }
   void ReadConfig(uint64_t offset, uint8_t* data, uint32_t len) override {
+    // The guest re-reads its CID when it handles a transport reset: from
+    // then on it answers with the new one, so held packets may go.
+    if (await_cid_read_.exchange(false)) {
+      uint64_t one = 1;
+      (void)!write(wake_fd_, &one, sizeof one);
+    }
     uint64_t cid = cfg_.guest_cid;
     std::memset(data, 0, len);
     if (offset < sizeof cid)
@@ -212,6 +218,7 @@ class VirtioVsock : public VirtioDevice {
     uint32_t id = kEventTransportReset;
     chain.WriteTo(0, &id, sizeof id);
     if (!event_->AddUsed(*mem_, chain.head, sizeof id)) return Broken(), false;
+    await_cid_read_ = true;
     if (event_->NeedsInterrupt(*mem_)) irq_->SignalUsedBuffer();
     return true;
   }
@@ -467,6 +474,12 @@ class VirtioVsock : public VirtioDevice {
   // Delivers queued control packets; false if some are still waiting for RX buffers.
   bool FlushControl() {
     if (!active_) return control_.empty();
+    // Hazard: after a transport reset a Linux guest may take an RX packet
+    // (a host CONNECT's REQUEST) before its event work has read the new CID,
+    // and answer from the old one, which we must drop: the host client would
+    // wait out its whole connect timeout. So nothing goes to the guest until
+    // it has read the CID (ReadConfig); host connections just wait for that.
+    if (await_cid_read_) return control_.empty();
     while (!control_.empty()) {
       DescriptorChain& chain = rx_chain_;
       if (!PopRx(&chain)) return false;
@@ -739,6 +752,7 @@ class VirtioVsock : public VirtioDevice {
 
   std::mutex mu_;
   std::unique_lock<std::mutex> quiesce_;  // held by a snapshot between Quiesce and EndQuiesce
+  std::atomic<bool> await_cid_read_{false};  // a transport reset was sent; the guest has not re-read its CID
   bool active_ = false;
   GuestMemory* mem_ = nullptr;
   Queue* rx_ = nullptr;

@@ -430,13 +430,31 @@ void Machine::RunVcpu(Vcpu& v) {
     std::lock_guard<std::mutex> g(mu_);
     live_threads_.push_back(pthread_self());
   }
+  bool io_pending = false;  // an IO/MMIO exit KVM completes at the next KVM_RUN
   for (;;) {
     // Cleared before the flags are read: a kick after this point either is
     // seen in the flags or makes the next KVM_RUN return at once.
     v.run->immediate_exit = 0;
     {
       std::unique_lock<std::mutex> lk(mu_);
-      while (pause_requested_ && !stopping_) {
+      // A snapshot in progress keeps the vCPUs parked even if resumed meanwhile.
+      while ((pause_requested_ || snapshotting_) && !stopping_) {
+        // Hazard (KVM api.rst, KVM_RUN): an IO or MMIO exit is complete (RIP
+        // past the instruction, an IN's value in its register) only once
+        // KVM_RUN is entered again. A vCPU parked right after one would be
+        // snapshotted at the instruction and replay it when restored (the
+        // lab saw a serial line doubled). So before parking, enter once with
+        // immediate_exit set: KVM finishes the operation and returns EINTR
+        // without running guest code. Then the flags are read again.
+        if (io_pending) {
+          lk.unlock();
+          v.run->immediate_exit = 1;
+          ioctl(v.fd, KVM_RUN, 0);
+          v.run->immediate_exit = 0;
+          io_pending = false;
+          lk.lock();
+          continue;
+        }
         parked_++;
         cv_.notify_all();
         cv_.wait(lk);
@@ -448,7 +466,9 @@ void Machine::RunVcpu(Vcpu& v) {
       uint64_t expected = 0;
       first_entry_ns_.compare_exchange_strong(expected, NowNs());
     }
-    if (ioctl(v.fd, KVM_RUN, 0) != 0) {
+    int rc = ioctl(v.fd, KVM_RUN, 0);
+    io_pending = false;
+    if (rc != 0) {
       if (errno == EINTR || errno == EAGAIN) {
         interrupted_.fetch_add(1, std::memory_order_relaxed);
         continue;
@@ -463,6 +483,7 @@ void Machine::RunVcpu(Vcpu& v) {
     uint32_t reason = v.run->exit_reason;
     exit_counts_[reason < exit_counts_.size() ? reason : 0].fetch_add(1, std::memory_order_relaxed);
     if (!HandleExit(v)) break;
+    io_pending = reason == KVM_EXIT_IO || reason == KVM_EXIT_MMIO;
   }
   std::function<void(const VmExit&)> notify;
   VmExit exit;
@@ -676,6 +697,11 @@ VmExit Machine::Teardown() {
   for (auto& t : threads_)
     if (t.joinable()) t.join();
   threads_.clear();
+  {
+    // A snapshot still reading vCPU state and RAM finishes before they go.
+    std::unique_lock<std::mutex> lk(mu_);
+    cv_.wait(lk, [&] { return !snapshotting_; });
+  }
   ReleaseResources();
   std::lock_guard<std::mutex> g(mu_);
   torn_down_ = true;

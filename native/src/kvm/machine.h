@@ -188,6 +188,7 @@ class Machine {
   bool pause_requested_ = false;
   uint64_t pause_generation_ = 0;  // bumped by every Resume
   bool torn_down_ = false;
+  bool snapshotting_ = false;  // Snapshot() is reading state: vCPUs stay parked, Teardown waits
   uint32_t parked_ = 0;
   uint32_t running_threads_ = 0;
   std::vector<pthread_t> live_threads_;  // vCPU threads that may be in KVM_RUN

@@ -349,6 +349,15 @@ kvm::MachineConfig RestoreConfig(const Image& image, const RestoreOptions& o) {
 std::unique_ptr<kvm::Machine> Restore(const RestoreOptions& o) {
   uint64_t began = NowNs();
   Image image = Image::Load(o.dir);
+  const SnapshotConfig& c = image.config;
+  if (!o.expect_kernel_sha256.empty() && o.expect_kernel_sha256 != c.kernel.sha256)
+    throw VmmError(ErrorKind::Snapshot, "restore VM",
+                   o.dir + " was booted from another kernel (" + c.kernel.path + ", SHA-256 " + c.kernel.sha256 + "): make a new snapshot");
+  if (!o.expect_initrd_sha256.empty() && (!c.initrd || o.expect_initrd_sha256 != c.initrd->sha256))
+    throw VmmError(ErrorKind::Snapshot, "restore VM",
+                   o.dir + (c.initrd ? " was booted from another initrd (" + c.initrd->path + ", SHA-256 " + c.initrd->sha256 + ")"
+                                     : std::string(" was booted without an initrd")) +
+                       ": make a new snapshot");
   if (o.verify_memory) {
     uint32_t crc = MemoryFileCrc(image.memory_path);
     if (crc != image.config.memory_crc)
@@ -423,13 +432,26 @@ bool Machine::paused() const {
 snapshot::Summary Machine::Snapshot(const std::string& dir) {
   using namespace snapshot;
   uint64_t t0 = NowNs();
-  // Held for the whole snapshot: a Resume (or stop) cannot start the vCPUs
-  // while their state is read. Resume takes mu_ too, so it waits for us.
-  std::unique_lock<std::mutex> run_lock(mu_);
-  if (!(started_ && !stopping_ && !torn_down_ && pause_requested_ && parked_ >= running_threads_))
-    throw VmmError(ErrorKind::InvalidArgument, "snapshot VM",
-                   torn_down_ || stopping_ ? "the VM has stopped" : "the VM is not paused: await pause() first");
-  if (dir.empty()) throw VmmError(ErrorKind::InvalidArgument, "snapshot VM", "no directory given");
+  // snapshotting_ keeps the vCPUs parked (a resume() meanwhile takes effect
+  // after) and holds off Teardown's release of fds and RAM (a kill() meanwhile
+  // waits for us), without holding mu_: resume/kill run on the JS thread.
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (!(started_ && !stopping_ && !torn_down_ && pause_requested_ && parked_ >= running_threads_))
+      throw VmmError(ErrorKind::InvalidArgument, "snapshot VM",
+                     torn_down_ || stopping_ ? "the VM has stopped" : "the VM is not paused: await pause() first");
+    if (snapshotting_) throw VmmError(ErrorKind::InvalidArgument, "snapshot VM", "a snapshot of this VM is already being taken");
+    if (dir.empty()) throw VmmError(ErrorKind::InvalidArgument, "snapshot VM", "no directory given");
+    snapshotting_ = true;
+  }
+  struct Done {
+    Machine* m;
+    ~Done() {
+      std::lock_guard<std::mutex> g(m->mu_);
+      m->snapshotting_ = false;
+      m->cv_.notify_all();
+    }
+  } done{this};
   Summary sum;
   sum.dir = dir;
   CpuCaps caps = CpuCaps::Probe(*kvm_, vm_fd_);

@@ -108,6 +108,10 @@ struct RestoreOptions {
   // Re-read the whole memory file and check its CRC before mapping it
   // (slow: reads every page; off by default, restore maps without reading).
   bool verify_memory = false;
+  // When set, the snapshot must have been booted from these (SHA-256 hex):
+  // a template cached for another kernel or initrd (agent) is refused.
+  std::string expect_kernel_sha256;
+  std::string expect_initrd_sha256;
 };
 
 // The machine config a restore builds: the snapshot's, with the new
