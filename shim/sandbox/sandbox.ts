@@ -83,17 +83,27 @@ export function checkLayer(path: string): void {
     if (e instanceof SandboxError) throw e;
     throw new SandboxError('BAD_LAYER', `layer ${path} cannot be read: ${(e as Error).message}`);
   }
-  const head = Buffer.alloc(4);
+  const superblock = Buffer.alloc(96);
   const fd = openSync(path, 'r');
   try {
-    readSync(fd, head, 0, 4, 0);
+    readSync(fd, superblock, 0, 96, 0);
   } finally {
     closeSync(fd);
   }
-  if (size < 96 || !head.equals(SQUASHFS_MAGIC)) {
-    throw new SandboxError('BAD_LAYER', `layer ${path} is not a squashfs image (no 'hsqs' superblock): build one with mksquashfs, or pass a directory to vmlet run`);
+  if (size < 96 || !superblock.subarray(0, 4).equals(SQUASHFS_MAGIC)) {
+    throw new SandboxError('BAD_LAYER', `layer ${path} is not a squashfs image (no 'hsqs' superblock): build one with mksquashfs -comp zstd, or pass a directory to vmlet run`);
+  }
+  // The guest kernel is built with zstd only (native/guest/kernel/vmlet.config); any
+  // other compressor fails at mount time inside the guest with a bare EINVAL.
+  const compressor = superblock.readUInt16LE(20);
+  if (compressor !== SQUASHFS_ZSTD) {
+    const name = SQUASHFS_COMPRESSORS[compressor] ?? `unknown compressor id ${compressor}`;
+    throw new SandboxError('BAD_LAYER', `layer ${path} is a ${name} squashfs; the vmlet guest kernel reads only zstd: rebuild it with mksquashfs -comp zstd, or pass a directory to vmlet run`);
   }
 }
+
+const SQUASHFS_ZSTD = 6;
+const SQUASHFS_COMPRESSORS: Record<number, string> = { 1: 'gzip', 2: 'lzma', 3: 'lzo', 4: 'xz', 5: 'lz4', 6: 'zstd' };
 
 export function checkSpec(spec: SandboxSpec): void {
   const bad = (m: string): never => {

@@ -1,0 +1,170 @@
+// `vmlet run` end to end, as a user runs it: the real CLI (node dist/shim/cli/vmlet.js)
+// boots our guest kernel with vmlet-agent on the lab's standard KVM and runs one
+// process in a busybox rootfs. Each `it` group is one microVM (a few seconds each
+// in the lab), so checks that can share a VM share it.
+import { strict as assert } from 'node:assert';
+import { execFileSync } from 'node:child_process';
+import { createHash, randomBytes } from 'node:crypto';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { requireKvm } from '../helpers/kvm';
+import { findGuestKernel } from '../helpers/guest-kernel';
+import { agentBinary } from '../../shim/sandbox/guest';
+import { CliResult, populateBusyboxRootfs, runCli, startCli } from '../helpers/vmlet-cli';
+import { OciLayout } from '../helpers/registry';
+
+const MiB = 1 << 20;
+
+function sha256File(path: string): string {
+  return createHash('sha256').update(readFileSync(path)).digest('hex');
+}
+
+function show(r: CliResult): string {
+  const clip = (b: Buffer): string => (b.length > 4000 ? `${b.subarray(0, 2000).toString('latin1')}\n...[${b.length} bytes]...\n${b.subarray(-2000).toString('latin1')}` : b.toString('latin1'));
+  return `exit ${r.code ?? r.signal}\n--- stdout\n${clip(r.stdout)}\n--- stderr\n${clip(r.stderr)}`;
+}
+
+describe('vmlet run (inside hack/kvm-lab)', function () {
+  this.timeout(180_000);
+  let work: string;
+  let rootDir: string;
+  let sqfs: string;
+
+  before(function () {
+    if (process.env.VMLET_LAB !== 'inside') {
+      console.log('      !!! SKIPPED (runs only inside hack/kvm-lab; test/run.mjs puts it there)');
+      this.skip();
+    }
+    requireKvm(this);
+    const kernel = findGuestKernel();
+    if ('missing' in kernel) {
+      console.log(`      !!! SKIPPED (the guest kernel is not built): ${kernel.missing}`);
+      this.skip();
+    }
+    try {
+      readFileSync(agentBinary);
+    } catch {
+      console.log(`      !!! SKIPPED (the agent is not built): ${agentBinary} is missing: run npm run build:agent`);
+      this.skip();
+    }
+    work = mkdtempSync(join(tmpdir(), 'vmlet-run-e2e-'));
+    rootDir = join(work, 'rootfs');
+    const applets = execFileSync('/bin/busybox', ['--list'], { encoding: 'utf8' }).split('\n').filter(Boolean);
+    populateBusyboxRootfs(rootDir, applets);
+    sqfs = join(work, 'rootfs.sqfs');
+    execFileSync('mksquashfs', [rootDir, sqfs, '-comp', 'zstd', '-noappend', '-quiet', '-all-root']);
+  });
+  after(() => {
+    if (work) rmSync(work, { recursive: true, force: true });
+  });
+
+  describe('one process on 2 vCPUs that writes into its rootfs and exits 7', () => {
+    let r: CliResult;
+    let hashBefore: string;
+    before(async function () {
+      if (!sqfs) this.skip();
+      hashBefore = sha256File(sqfs);
+      r = await runCli(['run', '--cpus', '2', '--stats', sqfs, '--', 'sh', '-c',
+        'echo "KERNEL $(uname -r)"; echo "NPROC $(nproc)"; echo written > /etc/written; rm /bin/ls; echo "READBACK $(cat /etc/written)"; exit 7']);
+    });
+
+    it('exits with the process\'s code', () => {
+      assert.equal(r.code, 7, show(r));
+    });
+    it('runs the guest kernel, not the host\'s', () => {
+      const m = /^KERNEL (\S+)$/m.exec(r.stdout.toString());
+      assert.ok(m, show(r));
+      assert.match(m[1], /-vmlet$/);
+      assert.notEqual(m[1], execFileSync('uname', ['-r'], { encoding: 'utf8' }).trim());
+    });
+    it('brings up every vCPU asked for (SMP through the MP table)', () => {
+      assert.match(r.stdout.toString(), /^NPROC 2$/m, show(r));
+    });
+    it('keeps writes in the guest: the squashfs on the host is unchanged', () => {
+      assert.match(r.stdout.toString(), /^READBACK written$/m, show(r));
+      assert.equal(sha256File(sqfs), hashBefore);
+    });
+    it('--stats prints the boot timings and the VM exits by reason', () => {
+      const err = r.stderr.toString();
+      assert.match(err, /launch → agent ready \d+ ms/, show(r));
+      const m = /VM exits (\d+): (.*)$/m.exec(err);
+      assert.ok(m, show(r));
+      const parts = m[2].split(', ').map((p) => p.split(' '));
+      assert.equal(parts.reduce((s, [, n]) => s + Number(n), 0), Number(m[1]), 'the reasons add up to the total');
+      console.log(`      ${m[0]}`);
+    });
+  });
+
+  describe('stdio: 2 MiB of stdin, 1 MiB back on each of stdout and stderr, then kill -9 $$', () => {
+    let r: CliResult;
+    let input: Buffer;
+    before(async function () {
+      if (!sqfs) this.skip();
+      input = randomBytes(2 * MiB);
+      r = await runCli(['run', '-i', sqfs, '--', 'sh', '-c',
+        `cat > /tmp/in; head -c ${MiB} /tmp/in; tail -c ${MiB} /tmp/in >&2; kill -9 $$`], { stdin: input });
+    });
+
+    it('exits 128 + 9 when the process is killed by SIGKILL', () => {
+      assert.equal(r.code, 137, show(r));
+    });
+    it('delivers stdin byte-exact up to EOF (cat ends only at EOF)', () => {
+      assert.equal(r.stdout.length + r.stderr.length, 2 * MiB, show(r));
+    });
+    it('keeps stdout and stderr separate and byte-exact', () => {
+      assert.ok(r.stdout.equals(input.subarray(0, MiB)), `stdout differs from the first MiB of stdin (${r.stdout.length} bytes)`);
+      assert.ok(r.stderr.equals(input.subarray(MiB)), `stderr differs from the second MiB of stdin (${r.stderr.length} bytes)`);
+    });
+  });
+
+  it('forwards SIGTERM sent to the CLI to the process (exit 143)', async function () {
+    if (!sqfs) this.skip();
+    const run = startCli(['run', sqfs, '--', 'sh', '-c', 'echo ready; exec sleep 1000']);
+    await run.stdoutMatches(/ready\n/);
+    run.child.kill('SIGTERM');
+    const r = await run.done;
+    assert.equal(r.code, 143, show(r));
+  });
+
+  it('runs a directory (converted to squashfs) with --env and --workdir', async function () {
+    if (!rootDir) this.skip();
+    const r = await runCli(['run', '--env', 'GREETING=hello there', '--workdir', '/etc', rootDir, '--', 'sh', '-c', 'echo "$GREETING in $PWD"']);
+    assert.equal(r.code, 0, show(r));
+    assert.equal(r.stdout.toString(), 'hello there in /etc\n');
+  });
+
+  it('runs a stored image with its Entrypoint, Cmd, Env, WorkingDir and User', async function () {
+    if (!rootDir) this.skip();
+    const root = join(work, 'store');
+    const layout = await OciLayout.create(join(work, 'layout'));
+    await layout.newImage('empty');
+    const applets = execFileSync('/bin/busybox', ['--list'], { encoding: 'utf8' }).split('\n').filter(Boolean);
+    await layout.addLayer('empty', 'app', (rootfs) => populateBusyboxRootfs(rootfs, applets));
+    await layout.configure('app', {
+      entrypoint: ['/bin/sh', '-c'],
+      cmd: ['echo "$MODE in $PWD as $(id -u):$(id -g)"'],
+      env: ['MODE=from-image'],
+      workingDir: '/tmp',
+      user: '1000:1000',
+    });
+    const load = await runCli(['--root', root, 'load', '--name', 'localhost/run-e2e/busybox:v1', join(work, 'layout')]);
+    assert.equal(load.code, 0, show(load));
+    const r = await runCli(['--root', root, 'run', 'localhost/run-e2e/busybox:v1']);
+    assert.equal(r.code, 0, show(r));
+    assert.equal(r.stdout.toString(), 'from-image in /tmp as 1000:1000\n');
+  });
+
+  it('reports a guest kernel panic: exit 125 and the serial log tail on stderr', async function () {
+    if (!sqfs) this.skip();
+    // The kernel has no sysrq and PID 1 cannot be killed from inside, so panic the
+    // real way: panic_on_oom=2, overcommit allowed, and one allocation larger than RAM.
+    const r = await runCli(['run', '--memory', '128', sqfs, '--', 'sh', '-c',
+      'echo 1 > /proc/sys/vm/overcommit_memory; echo 2 > /proc/sys/vm/panic_on_oom; dd if=/dev/zero of=/dev/null bs=256M count=1; echo survived']);
+    assert.equal(r.code, 125, show(r));
+    assert.doesNotMatch(r.stdout.toString(), /survived/);
+    const err = r.stderr.toString();
+    assert.match(err, /the microVM stopped while the process ran|lost the connection to the guest agent/, show(r));
+    assert.match(err, /guest serial log \(tail\):[\s\S]*Kernel panic - not syncing: Out of memory/, show(r));
+  });
+});
