@@ -1,7 +1,9 @@
 // The real `vmlet` CLI as a child process (dist/shim/cli/vmlet.js), for tests
 // that must see what a user sees: exit status, stdout and stderr kept apart,
 // signals delivered to the CLI process. And a busybox rootfs to run in it.
-import { spawn, ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, ChildProcess } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import { gzipSync } from 'node:zlib';
 import { copyFileSync, mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { repoRoot } from '../../native/ts/testguest';
@@ -73,3 +75,32 @@ export function populateBusyboxRootfs(rootfs: string, applets: string[]): void {
   for (const d of ['etc', 'tmp', 'proc', 'dev', 'sys']) mkdirSync(join(rootfs, d), { recursive: true });
   writeFileSync(join(rootfs, 'etc', 'passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
 }
+
+/** A one-layer OCI image layout of `rootfs` with the given runtime config. */
+export function writeOciLayout(dir: string, rootfs: string, tag: string, config: Record<string, unknown>): void {
+  const blobs = join(dir, 'blobs', 'sha256');
+  mkdirSync(blobs, { recursive: true });
+  const put = (data: Buffer): { digest: string; size: number } => {
+    const hex = createHash('sha256').update(data).digest('hex');
+    writeFileSync(join(blobs, hex), data);
+    return { digest: `sha256:${hex}`, size: data.length };
+  };
+  const tar = execFileSync('tar', ['-C', rootfs, '--numeric-owner', '-cf', '-', '.'], { maxBuffer: 64 << 20 });
+  const layer = put(gzipSync(tar));
+  const cfg = put(Buffer.from(JSON.stringify({
+    architecture: 'amd64', os: 'linux', config,
+    rootfs: { type: 'layers', diff_ids: [`sha256:${createHash('sha256').update(tar).digest('hex')}`] },
+  })));
+  const manifestType = 'application/vnd.oci.image.manifest.v1+json';
+  const manifest = put(Buffer.from(JSON.stringify({
+    schemaVersion: 2, mediaType: manifestType,
+    config: { mediaType: 'application/vnd.oci.image.config.v1+json', ...cfg },
+    layers: [{ mediaType: 'application/vnd.oci.image.layer.v1.tar+gzip', ...layer }],
+  })));
+  writeFileSync(join(dir, 'oci-layout'), JSON.stringify({ imageLayoutVersion: '1.0.0' }));
+  writeFileSync(join(dir, 'index.json'), JSON.stringify({
+    schemaVersion: 2,
+    manifests: [{ mediaType: manifestType, ...manifest, annotations: { 'org.opencontainers.image.ref.name': tag } }],
+  }));
+}
+
