@@ -174,6 +174,8 @@ export function describeExit(exit: VmExit): string {
 export interface SandboxTimings {
   /** launch() called (ms since the epoch, Date.now()). */
   launchStartMs: number;
+  /** launch() returned: the VM exists and runs (a cold boot has read the kernel and created the VM). */
+  launchedMs?: number;
   /** The agent answered HELLO. */
   agentReadyMs?: number;
   /** The rootfs is stacked. */
@@ -217,6 +219,7 @@ export class Sandbox {
     let client: AgentClient | undefined;
     try {
       launched = await launcher.launch(spec, stateDir);
+      timings.launchedMs = Date.now();
       const timeout = spec.agentTimeoutMs ?? (Number(process.env.VMLET_AGENT_TIMEOUT_MS) || 60_000);
       client = await waitForAgent(launched, timeout, opts.signal);
       timings.agentReadyMs = Date.now();

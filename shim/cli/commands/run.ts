@@ -316,8 +316,15 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
     }
     if (req.interactive) stdin.pipe(p.stdin);
     else p.stdin.end();
-    p.stdout.pipe(stdout, { end: false });
-    p.stderr.pipe(ctx.stderr, { end: false });
+    // `vmlet run ... | head -1`: once our reader is gone, the process's output is
+    // drained and dropped so it never blocks on a full window, as it would on a pipe.
+    for (const [from, to] of [[p.stdout, stdout], [p.stderr, ctx.stderr]] as const) {
+      from.pipe(to, { end: false });
+      to.once('error', () => {
+        from.unpipe(to);
+        from.resume();
+      });
+    }
     const drained = Promise.all([finished(p.stdout), finished(p.stderr)]).then(() => true, () => false);
 
     type Outcome = { kind: 'exit'; code: number } | { kind: 'vm' } | { kind: 'lost'; error: Error };
@@ -351,7 +358,7 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
 function printStats(ctx: CommandContext, sandbox: Sandbox, t0: number, started: number, exitedAt: number): void {
   const t = sandbox.timings;
   const ms = (a: number | undefined, b: number | undefined): string => (a !== undefined && b !== undefined ? `${b - a} ms` : '?');
-  ctx.stderr.write(`vmlet run: ${sandbox.launched.origin}: launch → agent ready ${ms(t.launchStartMs, t.agentReadyMs)}, ` +
+  ctx.stderr.write(`vmlet run: ${sandbox.launched.origin}: VM created ${ms(t.launchStartMs, t.launchedMs)}, launch → agent ready ${ms(t.launchStartMs, t.agentReadyMs)}, ` +
     `rootfs stacked ${ms(t.agentReadyMs, t.rootfsReadyMs)}, process ran ${exitedAt - started} ms, total ${exitedAt - t0} ms\n`);
   const exits = Object.entries(sandbox.stats().exits).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
   const total = exits.reduce((s, [, n]) => s + n, 0);
