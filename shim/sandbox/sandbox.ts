@@ -311,11 +311,26 @@ async function waitForAgent(launched: LaunchedVm, timeoutMs: number, signal?: Ab
         serialTail: await serialTail(launched.serialLog),
       });
     }
-    try {
-      return await AgentClient.connectHybridVsock(launched.vsockPath);
-    } catch (e) {
-      lastError = (e as Error).message;
-    }
-    await new Promise((r) => setTimeout(r, 50));
+    // One attempt can hang: the VMM holds a CONNECT until the guest's vsock driver
+    // answers, and a guest that is up but not serving vsock never does. Bound it by
+    // what is left of the wait; a late success is closed.
+    const attempt = AgentClient.connectHybridVsock(launched.vsockPath);
+    const left = Math.max(1, timeoutMs - (Date.now() - t0));
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
+    const r = await Promise.race([
+      attempt.then((client) => ({ client }), (e: Error) => ({ error: e.message })),
+      new Promise<{ error: string }>((resolve) => {
+        timer = setTimeout(() => resolve({ error: `CONNECT unanswered after ${left} ms` }), left);
+        onAbort = () => resolve({ error: 'aborted' });
+        signal?.addEventListener('abort', onAbort, { once: true });
+      }),
+    ]);
+    clearTimeout(timer);
+    if (onAbort) signal?.removeEventListener('abort', onAbort);
+    if ('client' in r) return r.client;
+    attempt.then((c) => c.destroy(), () => undefined);
+    lastError = r.error;
+    await new Promise((res) => setTimeout(res, 50));
   }
 }
