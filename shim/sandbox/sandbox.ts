@@ -240,7 +240,7 @@ export class Sandbox {
       rmSync(stateDir, { recursive: true, force: true });
       if (e instanceof AgentError && launched) {
         // The connection broke between HELLO and the rootfs: say whether the guest died.
-        const exit = await Promise.race([launched.vm.wait(), new Promise<null>((r) => setTimeout(() => r(null), 0))]);
+        const exit = await Promise.race([launched.vm.wait(), new Promise<null>((r) => setTimeout(() => r(null), 1000))]);
         throw new SandboxError('AGENT_LOST', `the agent failed during start-up: ${e.message}${exit ? ` (${describeExit(exit)})` : ''}`);
       }
       throw e;

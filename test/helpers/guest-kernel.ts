@@ -1,15 +1,14 @@
-// The guest kernel (hack/guest-kernel) from the test and benchmark side: where
-// the cached build is, a busybox initramfs to boot it with, and the serial
-// markers its /init prints. Used by test/lab/guest-boot.test.ts and
-// hack/bench/boot.bench.ts; nothing here talks to a VMM.
+// The guest kernel (hack/guest-kernel) from the test and benchmark side: a
+// busybox initramfs to boot it with and the serial markers its /init prints,
+// beside the runtime parts (kernel lookup, agent initramfs, command line)
+// re-exported from shim/sandbox/guest.ts. Used by test/lab/guest-boot.test.ts
+// and hack/bench/boot.bench.ts; nothing here talks to a VMM.
 import { execFileSync } from 'node:child_process';
 import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { busyboxStatic } from '../../shim/sandbox/guest';
 
-// The runtime half (kernel lookup, agent initramfs, command line) lives in
-// shim/sandbox/guest.ts, where vmlet run boots from; tests use the same code.
 export { agentBinary, buildAgentInitramfs, busyboxStatic, findGuestKernel, guestCmdline } from '../../shim/sandbox/guest';
 export type { GuestKernel } from '../../shim/sandbox/guest';
 

@@ -6,7 +6,7 @@
 // the command line and the terminal.
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { constants as osConstants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { finished } from 'node:stream/promises';
 import { Command, CommandContext, OptionValues, UsageError, stringOpt } from '../command';
@@ -23,7 +23,6 @@ import { checkLayer, describeExit, MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, San
 export const EXIT_VMLET_FAILED = 125;
 const DEFAULT_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 const FORWARDED_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT'];
-const SIGNAL_NUMBERS: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGTERM: 15 };
 
 /** What the command line asks for, validated; the rootfs is still a name. */
 export interface RunRequest {
@@ -240,7 +239,7 @@ export const run: Command = {
       if (e instanceof UsageError) throw e;
       const known = e instanceof RunFailure || e instanceof SandboxError || e instanceof VmmError || e instanceof AgentError || e instanceof LayerError;
       if (!known) throw e;
-      ctx.stderr.write(`vmlet run: ${known && e instanceof VmmError ? `${e.name}: ` : ''}${(e as Error).message}\n`);
+      ctx.stderr.write(`vmlet run: ${e instanceof VmmError ? `${e.name}: ` : ''}${(e as Error).message}\n`);
       const tail = e instanceof RunFailure ? e.serialTail : e instanceof SandboxError ? e.serialTail : undefined;
       if (tail) ctx.stderr.write(`vmlet run: guest serial log (tail):\n${tail}\n`);
       return EXIT_VMLET_FAILED;
@@ -290,7 +289,7 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
     try {
       sandbox = await Sandbox.start({ cpus: req.cpus, memoryMiB: req.memoryMiB, layers: rootfs.layers }, { signal: abort.signal });
     } catch (e) {
-      if (stoppedBySignal) return 128 + SIGNAL_NUMBERS[stoppedBySignal];
+      if (stoppedBySignal) return 128 + osConstants.signals[stoppedBySignal];
       throw e;
     }
     const stdout = ctx.stdout;
@@ -336,7 +335,7 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
     if (outcome.kind === 'exit') await drained;
     if (req.stats) printStats(ctx, sandbox, t0, started, exitedAt);
     if (outcome.kind === 'exit') return outcome.code;
-    if (stoppedBySignal) return 128 + SIGNAL_NUMBERS[stoppedBySignal];
+    if (stoppedBySignal) return 128 + osConstants.signals[stoppedBySignal];
     // The connection broke or the VM stopped under a running process: find out which.
     const exit = sandbox.exit ?? (await Promise.race([sandbox.exited(), new Promise<null>((r) => setTimeout(() => r(null), 2000))]));
     const tail = await sandbox.serialTail();
