@@ -8,8 +8,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { requireKvm } from '../helpers/kvm';
-import { findGuestKernel } from '../helpers/guest-kernel';
+import { requireLabGuestKernel } from '../helpers/guest-kernel';
 import { agentBinary } from '../../shim/sandbox/guest';
 import { CliResult, populateBusyboxRootfs, runCli, startCli, writeOciLayout } from '../helpers/vmlet-cli';
 
@@ -31,16 +30,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
   let sqfs: string;
 
   before(function () {
-    if (process.env.VMLET_LAB !== 'inside') {
-      console.log('      !!! SKIPPED (runs only inside hack/kvm-lab; test/run.mjs puts it there)');
-      this.skip();
-    }
-    requireKvm(this);
-    const kernel = findGuestKernel();
-    if ('missing' in kernel) {
-      console.log(`      !!! SKIPPED (the guest kernel is not built): ${kernel.missing}`);
-      this.skip();
-    }
+    requireLabGuestKernel(this);
     try {
       readFileSync(agentBinary);
     } catch {
