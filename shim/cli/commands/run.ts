@@ -302,7 +302,9 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
       p.signal(stoppedBySignal).catch(() => undefined);
       stoppedBySignal = null;
     }
-    if (req.tty && stdin.isTTY) {
+    // Raw mode only when our keystrokes go to the process: with -t alone, Ctrl-C
+    // must still reach us as SIGINT (and be forwarded), as with docker run -t.
+    if (req.tty && req.interactive && stdin.isTTY) {
       stdin.setRawMode(true);
       rawMode = true;
     }
