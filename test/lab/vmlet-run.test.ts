@@ -3,14 +3,14 @@
 // process in a busybox rootfs. Each `it` group is one microVM (a few seconds each
 // in the lab), so checks that can share a VM share it.
 import { strict as assert } from 'node:assert';
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { requireLabGuestKernel } from '../helpers/guest-kernel';
 import { agentBinary } from '../../shim/sandbox/guest';
-import { CliResult, populateBusyboxRootfs, runCli, startCli, writeOciLayout } from '../helpers/vmlet-cli';
+import { CliResult, populateBusyboxRootfs, runCli, startCli, vmletJs, writeOciLayout } from '../helpers/vmlet-cli';
 
 const MiB = 1 << 20;
 
@@ -135,6 +135,40 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
     const out = r.stdout.toString();
     assert.match(out, /^\/dev\/pts\/\d+\r\n24 80\r\nTERM=xterm\r\nto-stderr\r\n$/, show(r));
     assert.equal(r.stderr.length, 0, show(r));
+  });
+
+  it('with -t -i on a real terminal: keystrokes reach the shell and its window follows ours', async function () {
+    if (!sqfs) this.skip();
+    // script(1) gives the CLI a terminal; a background stty resizes it when the test
+    // says so, and the kernel sends SIGWINCH to the CLI as to any foreground program.
+    const go = join(work, 'resize-now');
+    const inner = `stty rows 30 cols 100; (while [ ! -e ${go} ]; do sleep 0.2; done; stty rows 40 cols 120) & ` +
+      `exec ${process.execPath} ${vmletJs} run -t -i ${sqfs} -- sh`;
+    const child = spawn('script', ['-qec', inner, '/dev/null'], { stdio: ['pipe', 'pipe', 'pipe'] });
+    let out = '';
+    child.stdout.on('data', (d: Buffer) => (out += d.toString('latin1')));
+    child.stderr.on('data', (d: Buffer) => (out += d.toString('latin1')));
+    const exited = new Promise<number | null>((r) => child.on('close', (code) => r(code)));
+    const until = async (re: RegExp): Promise<void> => {
+      for (let i = 0; i < 600 && !re.test(out); i++) await new Promise((r) => setTimeout(r, 100));
+      assert.match(out, re, `terminal output so far:\n${out}`);
+    };
+    try {
+      await until(/# $/m);
+      child.stdin.write('stty size; echo "SIZE1-$((6*7))"\r');
+      await until(/30 100\r\nSIZE1-42/);
+      writeFileSync(go, '');
+      // The resize travels CLI → agent → the guest pty asynchronously: ask until it shows.
+      for (let i = 0; i < 20 && !/40 120\r\nSIZE2/.test(out); i++) {
+        child.stdin.write('stty size; echo SIZE2\r');
+        await new Promise((r) => setTimeout(r, 500));
+      }
+      await until(/40 120\r\nSIZE2/);
+      child.stdin.write('exit 5\r');
+      assert.equal(await exited, 5, out);
+    } finally {
+      child.kill('SIGKILL');
+    }
   });
 
   it('runs a directory (converted to squashfs) with --env and --workdir', async function () {

@@ -313,7 +313,8 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
         const s = stdout as { rows?: number; columns?: number };
         if (s.rows && s.columns) p.resize(s.rows, s.columns).catch(() => undefined);
       };
-      process.on('SIGWINCH', resizeHandler);
+      // Node refreshes rows/columns on SIGWINCH and then emits 'resize'.
+      stdout.on('resize', resizeHandler);
     }
     if (req.interactive) stdin.pipe(p.stdin);
     else p.stdin.end();
@@ -345,7 +346,7 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
     throw new RunFailure(`lost the connection to the guest agent while the process ran: ${(outcome as { error: Error }).error.message}`, tail);
   } finally {
     for (const [sig, h] of handlers) process.off(sig, h);
-    if (resizeHandler) process.off('SIGWINCH', resizeHandler);
+    if (resizeHandler) ctx.stdout.off('resize', resizeHandler);
     if (rawMode) stdin.setRawMode(false);
     if (req.interactive) {
       stdin.unpipe();
