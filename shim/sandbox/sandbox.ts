@@ -83,17 +83,27 @@ export function checkLayer(path: string): void {
     if (e instanceof SandboxError) throw e;
     throw new SandboxError('BAD_LAYER', `layer ${path} cannot be read: ${(e as Error).message}`);
   }
-  const head = Buffer.alloc(4);
+  const superblock = Buffer.alloc(96);
   const fd = openSync(path, 'r');
   try {
-    readSync(fd, head, 0, 4, 0);
+    readSync(fd, superblock, 0, 96, 0);
   } finally {
     closeSync(fd);
   }
-  if (size < 96 || !head.equals(SQUASHFS_MAGIC)) {
-    throw new SandboxError('BAD_LAYER', `layer ${path} is not a squashfs image (no 'hsqs' superblock): build one with mksquashfs, or pass a directory to vmlet run`);
+  if (size < 96 || !superblock.subarray(0, 4).equals(SQUASHFS_MAGIC)) {
+    throw new SandboxError('BAD_LAYER', `layer ${path} is not a squashfs image (no 'hsqs' superblock): build one with mksquashfs -comp zstd, or pass a directory to vmlet run`);
+  }
+  // The guest kernel is built with zstd only (native/guest/kernel/vmlet.config); any
+  // other compressor fails at mount time inside the guest with a bare EINVAL.
+  const compressor = superblock.readUInt16LE(20);
+  if (compressor !== SQUASHFS_ZSTD) {
+    const name = SQUASHFS_COMPRESSORS[compressor] ?? `unknown compressor id ${compressor}`;
+    throw new SandboxError('BAD_LAYER', `layer ${path} is a ${name} squashfs; the vmlet guest kernel reads only zstd: rebuild it with mksquashfs -comp zstd, or pass a directory to vmlet run`);
   }
 }
+
+const SQUASHFS_ZSTD = 6;
+const SQUASHFS_COMPRESSORS: Record<number, string> = { 1: 'gzip', 2: 'lzma', 3: 'lzo', 4: 'xz', 5: 'lz4', 6: 'zstd' };
 
 export function checkSpec(spec: SandboxSpec): void {
   const bad = (m: string): never => {
@@ -164,6 +174,8 @@ export function describeExit(exit: VmExit): string {
 export interface SandboxTimings {
   /** launch() called (ms since the epoch, Date.now()). */
   launchStartMs: number;
+  /** launch() returned: the VM exists and runs (a cold boot has read the kernel and created the VM). */
+  launchedMs?: number;
   /** The agent answered HELLO. */
   agentReadyMs?: number;
   /** The rootfs is stacked. */
@@ -207,6 +219,7 @@ export class Sandbox {
     let client: AgentClient | undefined;
     try {
       launched = await launcher.launch(spec, stateDir);
+      timings.launchedMs = Date.now();
       const timeout = spec.agentTimeoutMs ?? (Number(process.env.VMLET_AGENT_TIMEOUT_MS) || 60_000);
       client = await waitForAgent(launched, timeout, opts.signal);
       timings.agentReadyMs = Date.now();
@@ -227,7 +240,7 @@ export class Sandbox {
       rmSync(stateDir, { recursive: true, force: true });
       if (e instanceof AgentError && launched) {
         // The connection broke between HELLO and the rootfs: say whether the guest died.
-        const exit = await Promise.race([launched.vm.wait(), new Promise<null>((r) => setTimeout(() => r(null), 0))]);
+        const exit = await Promise.race([launched.vm.wait(), new Promise<null>((r) => setTimeout(() => r(null), 1000))]);
         throw new SandboxError('AGENT_LOST', `the agent failed during start-up: ${e.message}${exit ? ` (${describeExit(exit)})` : ''}`);
       }
       throw e;
@@ -298,11 +311,26 @@ export async function waitForAgent(launched: LaunchedVm, timeoutMs: number, sign
         serialTail: await serialTail(launched.serialLog),
       });
     }
-    try {
-      return await AgentClient.connectHybridVsock(launched.vsockPath);
-    } catch (e) {
-      lastError = (e as Error).message;
-    }
-    await new Promise((r) => setTimeout(r, 50));
+    // One attempt can hang: the VMM holds a CONNECT until the guest's vsock driver
+    // answers, and a guest that is up but not serving vsock never does. Bound it by
+    // what is left of the wait; a late success is closed.
+    const attempt = AgentClient.connectHybridVsock(launched.vsockPath);
+    const left = Math.max(1, timeoutMs - (Date.now() - t0));
+    let timer: NodeJS.Timeout | undefined;
+    let onAbort: (() => void) | undefined;
+    const r = await Promise.race([
+      attempt.then((client) => ({ client }), (e: Error) => ({ error: e.message })),
+      new Promise<{ error: string }>((resolve) => {
+        timer = setTimeout(() => resolve({ error: `CONNECT unanswered after ${left} ms` }), left);
+        onAbort = () => resolve({ error: 'aborted' });
+        signal?.addEventListener('abort', onAbort, { once: true });
+      }),
+    ]);
+    clearTimeout(timer);
+    if (onAbort) signal?.removeEventListener('abort', onAbort);
+    if ('client' in r) return r.client;
+    attempt.then((c) => c.destroy(), () => undefined);
+    lastError = r.error;
+    await new Promise((res) => setTimeout(res, 50));
   }
 }

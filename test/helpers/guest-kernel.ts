@@ -1,17 +1,35 @@
-// The guest kernel (hack/guest-kernel) from the test and benchmark side: where
-// the cached build is, a busybox initramfs to boot it with, and the serial
-// markers its /init prints. Used by test/lab/guest-boot.test.ts and
-// hack/bench/boot.bench.ts; nothing here talks to a VMM.
+// The guest kernel (hack/guest-kernel) from the test and benchmark side: a
+// busybox initramfs to boot it with and the serial markers its /init prints,
+// beside the runtime parts (kernel lookup, agent initramfs, command line)
+// re-exported from shim/sandbox/guest.ts. Used by test/lab/guest-boot.test.ts
+// and hack/bench/boot.bench.ts; nothing here talks to a VMM.
 import { execFileSync } from 'node:child_process';
 import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { busyboxStatic } from '../../shim/sandbox/guest';
+import { busyboxStatic, findGuestKernel, GuestKernel } from '../../shim/sandbox/guest';
+import { requireKvm } from './kvm';
 
-// The runtime half (kernel lookup, agent initramfs, command line) lives in
-// shim/sandbox/guest.ts, where vmlet run boots from; tests use the same code.
 export { agentBinary, buildAgentInitramfs, busyboxStatic, findGuestKernel, guestCmdline } from '../../shim/sandbox/guest';
 export type { GuestKernel } from '../../shim/sandbox/guest';
+
+/**
+ * For a `before` hook of a test/lab suite: skips it loudly unless it runs inside
+ * hack/kvm-lab with a usable /dev/kvm and the guest kernel built; returns the kernel.
+ */
+export function requireLabGuestKernel(ctx: Mocha.Context): GuestKernel {
+  if (process.env.VMLET_LAB !== 'inside') {
+    console.log('      !!! SKIPPED (runs only inside hack/kvm-lab; test/run.mjs puts it there)');
+    ctx.skip();
+  }
+  requireKvm(ctx);
+  const found = findGuestKernel();
+  if ('missing' in found) {
+    console.log(`      !!! SKIPPED (the guest kernel is not built): ${found.missing}`);
+    ctx.skip();
+  }
+  return found as GuestKernel;
+}
 
 /** Printed by every test /init once it runs: the boot-to-init measurement point. */
 export const INIT_MARKER = 'VMLET-INIT-REACHED';

@@ -11,9 +11,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { Vm, VmConfig, VmExit } from '../../native/ts/vmm';
-import { requireKvm } from '../helpers/kvm';
 import { AgentClient } from '../../shim/agent/client';
-import { agentBinary, buildAgentInitramfs, buildBusyboxInitramfs, DONE_MARKER, findGuestKernel, GuestKernel, guestCmdline, INIT_MARKER } from '../helpers/guest-kernel';
+import { agentBinary, buildAgentInitramfs, buildBusyboxInitramfs, DONE_MARKER, GuestKernel, guestCmdline, INIT_MARKER, requireLabGuestKernel } from '../helpers/guest-kernel';
 
 const BOOT_TIMEOUT_MS = 120_000;
 
@@ -58,17 +57,7 @@ describe('guest kernel booted by our VMM (inside hack/kvm-lab)', function () {
   let work: string;
 
   before(function () {
-    if (process.env.VMLET_LAB !== 'inside') {
-      console.log('      !!! SKIPPED (runs only inside hack/kvm-lab; test/run.mjs puts it there)');
-      this.skip();
-    }
-    requireKvm(this);
-    const found = findGuestKernel();
-    if ('missing' in found) {
-      console.log(`      !!! SKIPPED (the guest kernel is not built): ${found.missing}`);
-      this.skip();
-    }
-    kernel = found;
+    kernel = requireLabGuestKernel(this);
     work = mkdtempSync(join(tmpdir(), 'vmlet-guest-boot-'));
   });
   after(() => {

@@ -6,7 +6,7 @@
 // the command line and the terminal.
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { constants as osConstants, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { finished } from 'node:stream/promises';
 import { Command, CommandContext, OptionValues, UsageError, stringOpt } from '../command';
@@ -23,7 +23,6 @@ import { checkLayer, describeExit, MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, San
 export const EXIT_VMLET_FAILED = 125;
 const DEFAULT_PATH = 'PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 const FORWARDED_SIGNALS: NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP', 'SIGQUIT'];
-const SIGNAL_NUMBERS: Record<string, number> = { SIGHUP: 1, SIGINT: 2, SIGQUIT: 3, SIGTERM: 15 };
 
 /** What the command line asks for, validated; the rootfs is still a name. */
 export interface RunRequest {
@@ -240,7 +239,7 @@ export const run: Command = {
       if (e instanceof UsageError) throw e;
       const known = e instanceof RunFailure || e instanceof SandboxError || e instanceof VmmError || e instanceof AgentError || e instanceof LayerError;
       if (!known) throw e;
-      ctx.stderr.write(`vmlet run: ${known && e instanceof VmmError ? `${e.name}: ` : ''}${(e as Error).message}\n`);
+      ctx.stderr.write(`vmlet run: ${e instanceof VmmError ? `${e.name}: ` : ''}${(e as Error).message}\n`);
       const tail = e instanceof RunFailure ? e.serialTail : e instanceof SandboxError ? e.serialTail : undefined;
       if (tail) ctx.stderr.write(`vmlet run: guest serial log (tail):\n${tail}\n`);
       return EXIT_VMLET_FAILED;
@@ -290,7 +289,7 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
     try {
       sandbox = await Sandbox.start({ cpus: req.cpus, memoryMiB: req.memoryMiB, layers: rootfs.layers }, { signal: abort.signal });
     } catch (e) {
-      if (stoppedBySignal) return 128 + SIGNAL_NUMBERS[stoppedBySignal];
+      if (stoppedBySignal) return 128 + osConstants.signals[stoppedBySignal];
       throw e;
     }
     const stdout = ctx.stdout;
@@ -303,7 +302,9 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
       p.signal(stoppedBySignal).catch(() => undefined);
       stoppedBySignal = null;
     }
-    if (req.tty && stdin.isTTY) {
+    // Raw mode only when our keystrokes go to the process: with -t alone, Ctrl-C
+    // must still reach us as SIGINT (and be forwarded), as with docker run -t.
+    if (req.tty && req.interactive && stdin.isTTY) {
       stdin.setRawMode(true);
       rawMode = true;
     }
@@ -312,12 +313,20 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
         const s = stdout as { rows?: number; columns?: number };
         if (s.rows && s.columns) p.resize(s.rows, s.columns).catch(() => undefined);
       };
-      process.on('SIGWINCH', resizeHandler);
+      // Node refreshes rows/columns on SIGWINCH and then emits 'resize'.
+      stdout.on('resize', resizeHandler);
     }
     if (req.interactive) stdin.pipe(p.stdin);
     else p.stdin.end();
-    p.stdout.pipe(stdout, { end: false });
-    p.stderr.pipe(ctx.stderr, { end: false });
+    // `vmlet run ... | head -1`: once our reader is gone, the process's output is
+    // drained and dropped so it never blocks on a full window, as it would on a pipe.
+    for (const [from, to] of [[p.stdout, stdout], [p.stderr, ctx.stderr]] as const) {
+      from.pipe(to, { end: false });
+      to.once('error', () => {
+        from.unpipe(to);
+        from.resume();
+      });
+    }
     const drained = Promise.all([finished(p.stdout), finished(p.stderr)]).then(() => true, () => false);
 
     type Outcome = { kind: 'exit'; code: number } | { kind: 'vm' } | { kind: 'lost'; error: Error };
@@ -329,7 +338,7 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
     if (outcome.kind === 'exit') await drained;
     if (req.stats) printStats(ctx, sandbox, t0, started, exitedAt);
     if (outcome.kind === 'exit') return outcome.code;
-    if (stoppedBySignal) return 128 + SIGNAL_NUMBERS[stoppedBySignal];
+    if (stoppedBySignal) return 128 + osConstants.signals[stoppedBySignal];
     // The connection broke or the VM stopped under a running process: find out which.
     const exit = sandbox.exit ?? (await Promise.race([sandbox.exited(), new Promise<null>((r) => setTimeout(() => r(null), 2000))]));
     const tail = await sandbox.serialTail();
@@ -337,7 +346,7 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
     throw new RunFailure(`lost the connection to the guest agent while the process ran: ${(outcome as { error: Error }).error.message}`, tail);
   } finally {
     for (const [sig, h] of handlers) process.off(sig, h);
-    if (resizeHandler) process.off('SIGWINCH', resizeHandler);
+    if (resizeHandler) ctx.stdout.off('resize', resizeHandler);
     if (rawMode) stdin.setRawMode(false);
     if (req.interactive) {
       stdin.unpipe();
@@ -351,7 +360,7 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
 function printStats(ctx: CommandContext, sandbox: Sandbox, t0: number, started: number, exitedAt: number): void {
   const t = sandbox.timings;
   const ms = (a: number | undefined, b: number | undefined): string => (a !== undefined && b !== undefined ? `${b - a} ms` : '?');
-  ctx.stderr.write(`vmlet run: ${sandbox.launched.origin}: launch → agent ready ${ms(t.launchStartMs, t.agentReadyMs)}, ` +
+  ctx.stderr.write(`vmlet run: ${sandbox.launched.origin}: VM created ${ms(t.launchStartMs, t.launchedMs)}, launch → agent ready ${ms(t.launchStartMs, t.agentReadyMs)}, ` +
     `rootfs stacked ${ms(t.agentReadyMs, t.rootfsReadyMs)}, process ran ${exitedAt - started} ms, total ${exitedAt - t0} ms\n`);
   const exits = Object.entries(sandbox.stats().exits).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
   const total = exits.reduce((s, [, n]) => s + n, 0);

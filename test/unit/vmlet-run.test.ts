@@ -1,0 +1,235 @@
+// `vmlet run` without a VM: its command line, the refusal on a host whose KVM
+// cannot run Linux, the directory → squashfs conversion, the agent initramfs
+// cache, and every bad input that must fail before a VM exists, each with the
+// message a user needs. The runs themselves are in test/lab/vmlet-run.test.ts.
+import { strict as assert } from 'node:assert';
+import { execFileSync } from 'node:child_process';
+import { mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { main } from '../../shim/cli/vmlet';
+import { directoryToSquashfs, parseRunArgs, parseUser } from '../../shim/cli/commands/run';
+import { UsageError } from '../../shim/cli/command';
+import { hostVirtualization, linuxGuestRefusal } from '../../shim/sandbox/host';
+import { checkLayer, checkSpec, SandboxError, virtioBlkDevice } from '../../shim/sandbox/sandbox';
+import { agentBinary, agentInitramfs } from '../../shim/sandbox/guest';
+import { populateBusyboxRootfs, runCli } from '../helpers/vmlet-cli';
+import { Writable } from 'node:stream';
+
+function sink(): Writable & { text: () => string } {
+  const chunks: Buffer[] = [];
+  const w = new Writable({
+    write(c: Buffer, _e, cb) {
+      chunks.push(c);
+      cb();
+    },
+  }) as Writable & { text: () => string };
+  w.text = () => Buffer.concat(chunks).toString();
+  return w;
+}
+
+async function cli(args: string[]): Promise<{ code: number; out: string; err: string }> {
+  const stdout = sink();
+  const stderr = sink();
+  const code = await main(args, { stdout, stderr });
+  return { code, out: stdout.text(), err: stderr.text() };
+}
+
+/** Lets the CLI past the KVM check on any host: these inputs fail before a VM would boot. */
+const forced = { ...process.env, VMLET_FORCE_KVM: '1' };
+
+describe('vmlet run: command line', () => {
+  it('takes the rootfs, then the command after --, with the documented defaults', () => {
+    const r = parseRunArgs({}, ['img.sqfs', 'sh', '-c', 'exit 7']);
+    assert.deepEqual(r, {
+      rootfs: 'img.sqfs', command: ['sh', '-c', 'exit 7'], cpus: 1, memoryMiB: 256, tty: false, interactive: false,
+      env: [], workdir: undefined, user: undefined, stats: false, forceKvm: false,
+    });
+  });
+
+  it('parses every option through the real entry point (help shows them)', async () => {
+    const r = await cli(['run', '--help']);
+    assert.equal(r.code, 0);
+    for (const opt of ['--cpus N', '--memory MiB', '--cold', '-t, --tty', '-i, --interactive', '-e, --env K=V', '--workdir', '--stats', '--force-kvm'])
+      assert.ok(r.out.includes(opt), `help mentions ${opt}:\n${r.out}`);
+    assert.match(r.out, /today every run is a\s+cold boot \(template snapshots come with issue 7\)/);
+    assert.match(r.out, /hack\/kvm-lab run -- vmlet run/);
+    const v = parseRunArgs({ cpus: '2', memory: '512', tty: true, interactive: true, env: ['A=1', 'B=x=y'], workdir: '/srv', user: '1000:100', stats: true, cold: true }, ['r', 'true']);
+    assert.equal(v.cpus, 2);
+    assert.equal(v.memoryMiB, 512);
+    assert.deepEqual(v.env, ['A=1', 'B=x=y']);
+    assert.equal(v.tty && v.interactive && v.stats, true);
+    assert.equal(v.workdir, '/srv');
+  });
+
+  for (const [flag, value, why] of [
+    ['--cpus', '0', /--cpus '0' is not a whole number from 1 to 64/],
+    ['--cpus', '65', /--cpus '65' is not a whole number from 1 to 64/],
+    ['--cpus', '1.5', /--cpus '1.5' is not a whole number/],
+    ['--cpus', 'two', /--cpus 'two' is not a whole number/],
+    ['--memory', '32', /--memory '32' is not a whole number from 64 to 65536/],
+    ['--memory', '1e3', /--memory '1e3' is not a whole number/],
+    ['--env', 'NOVALUE', /--env 'NOVALUE' is not KEY=VALUE/],
+    ['--workdir', 'relative/dir', /--workdir 'relative\/dir' must be an absolute path/],
+    ['--user', 'nobody', /--user 'nobody': only numeric uid\[:gid\] \(or root\).*UNIMPLEMENTED/],
+  ] as const) {
+    it(`refuses ${flag} ${value} with usage exit 2 and says why`, async () => {
+      const r = await cli(['run', flag, value, 'r.sqfs', '--', 'true']);
+      assert.equal(r.code, 2, r.err);
+      assert.match(r.err, why);
+      assert.match(r.err, /usage: vmlet .* run \[options\]/);
+    });
+  }
+
+  it('refuses a run without any rootfs', async () => {
+    const r = await cli(['run']);
+    assert.equal(r.code, 2);
+    assert.match(r.err, /run needs a rootfs: a squashfs file, a directory or an image reference/);
+  });
+
+  it('reads users as uid[:gid] or root', () => {
+    assert.deepEqual(parseUser('1000', 'x'), { uid: 1000, gid: 1000 });
+    assert.deepEqual(parseUser('1000:5', 'x'), { uid: 1000, gid: 5 });
+    assert.deepEqual(parseUser('root', 'x'), { uid: 0, gid: 0 });
+    assert.throws(() => parseUser('app:app', 'image User'), (e: Error) => e instanceof UsageError && /image User 'app:app'/.test(e.message));
+  });
+});
+
+describe('vmlet run: hosts whose KVM cannot run a Linux guest', () => {
+  it('knows vmx and svm from /proc/cpuinfo flags', () => {
+    assert.equal(hostVirtualization('flags\t\t: fpu vme de pse vmx sse'), 'Intel VT-x (vmx)');
+    assert.equal(hostVirtualization('flags\t\t: fpu svm sse'), 'AMD-V (svm)');
+    assert.equal(hostVirtualization('flags\t\t: fpu vme svm_lock sse'), '');
+    const noVirt = 'flags\t\t: fpu vme de pse';
+    assert.match(linuxGuestRefusal({ cpuinfo: noVirt, env: {} }) ?? '', /no vmx\/svm flag.*hack\/kvm-lab run -- vmlet run.*--force-kvm.*VMLET_FORCE_KVM=1/);
+    assert.equal(linuxGuestRefusal({ cpuinfo: noVirt, env: {}, force: true }), null);
+    assert.equal(linuxGuestRefusal({ cpuinfo: noVirt, env: { VMLET_FORCE_KVM: '1' } }), null);
+    assert.equal(linuxGuestRefusal({ cpuinfo: noVirt, env: { VMLET_LAB: 'inside' } }), null);
+    assert.equal(linuxGuestRefusal({ cpuinfo: 'flags : vmx', env: {} }), null);
+  });
+
+  it('the CLI on this host refuses at once with exit 125 and the way out', async function () {
+    if (hostVirtualization() !== '' || process.env.VMLET_LAB === 'inside') {
+      console.log('      !!! SKIPPED (this host has vmx/svm or is the lab: there is nothing to refuse)');
+      this.skip();
+    }
+    const env = { ...process.env };
+    delete env.VMLET_FORCE_KVM;
+    // A rootfs that does not even exist: the refusal must come before any other work.
+    const r = await runCli(['run', '/nonexistent.sqfs', '--', 'true'], { env });
+    assert.equal(r.code, 125, r.stderr.toString());
+    assert.match(r.stderr.toString(), /^vmlet run: this host's CPU shows no hardware virtualization .*hack\/kvm-lab run -- vmlet run \.\.\..*--force-kvm/);
+    assert.equal(r.stdout.length, 0);
+  });
+});
+
+describe('vmlet run: rootfs input', function () {
+  this.timeout(60_000);
+  let work: string;
+  before(() => {
+    work = mkdtempSync(join(tmpdir(), 'vmlet-run-unit-'));
+  });
+  after(() => rmSync(work, { recursive: true, force: true }));
+
+  it('converts a directory to a zstd squashfs with our writer, files and links intact', async () => {
+    const dir = join(work, 'tree');
+    populateBusyboxRootfs(dir, ['sh', 'cat']);
+    writeFileSync(join(dir, 'etc', 'motd'), 'hello from the tree\n');
+    const out = join(work, 'conv');
+    mkdirSync(out);
+    const sqfs = await directoryToSquashfs(dir, out);
+    checkLayer(sqfs); // zstd, or the guest could not mount it
+    const listing = execFileSync('unsquashfs', ['-lln', sqfs], { encoding: 'utf8' });
+    assert.match(listing, /squashfs-root\/bin\/sh -> busybox/);
+    assert.match(listing, /squashfs-root\/bin\/busybox/);
+    assert.equal(execFileSync('unsquashfs', ['-cat', sqfs, 'etc/motd'], { encoding: 'utf8' }), 'hello from the tree\n');
+    assert.deepEqual(execFileSync('ls', [out], { encoding: 'utf8' }).trim().split('\n'), ['rootfs.sqfs'], 'the intermediate tar is gone');
+  });
+
+  it('refuses a missing rootfs path', async () => {
+    const r = await runCli(['run', join(work, 'missing.sqfs'), '--', 'true'], { env: forced });
+    assert.equal(r.code, 125);
+    assert.match(r.stderr.toString(), /rootfs .*missing\.sqfs does not exist: give a squashfs file, a directory or an image reference/);
+  });
+
+  it('refuses a file that is not squashfs', async () => {
+    const f = join(work, 'notes.txt');
+    writeFileSync(f, 'not an image at all, but long enough to hold a superblock '.repeat(4));
+    const r = await runCli(['run', f, '--', 'true'], { env: forced });
+    assert.equal(r.code, 125);
+    assert.match(r.stderr.toString(), /notes\.txt is not a squashfs image \(no 'hsqs' superblock\)/);
+  });
+
+  it('refuses a squashfs the guest kernel cannot read (gzip), naming the fix', async () => {
+    const dir = join(work, 'small');
+    mkdirSync(dir);
+    writeFileSync(join(dir, 'f'), 'x');
+    const gz = join(work, 'gzip.sqfs');
+    execFileSync('mksquashfs', [dir, gz, '-comp', 'gzip', '-noappend', '-quiet']);
+    const r = await runCli(['run', gz, '--', 'true'], { env: forced });
+    assert.equal(r.code, 125);
+    assert.match(r.stderr.toString(), /gzip\.sqfs is a gzip squashfs; the vmlet guest kernel reads only zstd: rebuild it with mksquashfs -comp zstd/);
+  });
+
+  it('refuses an image reference that is not in the store', async () => {
+    const root = join(work, 'store');
+    const r = await runCli(['--root', root, 'run', 'localhost/nothing/here:v1', '--', 'true'], { env: forced });
+    assert.equal(r.code, 125);
+    assert.match(r.stderr.toString(), /no image 'localhost\/nothing\/here:v1' in .*store; see vmlet images, or pull it first/);
+  });
+
+  it('refuses a squashfs rootfs without a command (it has no image config)', async () => {
+    const dir = join(work, 'cmdless');
+    mkdirSync(dir);
+    writeFileSync(join(dir, 'f'), 'x');
+    const z = join(work, 'cmdless.sqfs');
+    execFileSync('mksquashfs', [dir, z, '-comp', 'zstd', '-noappend', '-quiet']);
+    const r = await runCli(['run', z], { env: forced });
+    assert.equal(r.code, 2);
+    assert.match(r.stderr.toString(), /squashfs .*cmdless\.sqfs has no image config: give the command after --/);
+  });
+});
+
+describe('sandbox: spec checks and the agent initramfs', () => {
+  it('names virtio-blk disks as the kernel does', () => {
+    assert.deepEqual([0, 1, 25, 26, 27, 701, 702].map(virtioBlkDevice),
+      ['/dev/vda', '/dev/vdb', '/dev/vdz', '/dev/vdaa', '/dev/vdab', '/dev/vdzz', '/dev/vdaaa']);
+  });
+
+  it('refuses bad specs before any VM exists', () => {
+    const bad = (spec: Parameters<typeof checkSpec>[0], re: RegExp): void =>
+      assert.throws(() => checkSpec(spec), (e: Error) => e instanceof SandboxError && re.test(e.message) && ['BAD_SPEC', 'BAD_LAYER'].includes(e.code));
+    bad({ cpus: 0, memoryMiB: 256, layers: ['x'] }, /cpus is 0: use a whole number from 1 to 64/);
+    bad({ cpus: 1, memoryMiB: 10, layers: ['x'] }, /memory is 10 MiB/);
+    bad({ cpus: 1, memoryMiB: 256, layers: [] }, /at least one rootfs layer/);
+    bad({ cpus: 1, memoryMiB: 256, layers: Array(17).fill('x') }, /17 layers: at most 16/);
+    bad({ cpus: 1, memoryMiB: 256, layers: ['/nonexistent-layer'] }, /layer \/nonexistent-layer cannot be read/);
+    bad({ cpus: 1, memoryMiB: 256, layers: ['/'] }, /layer \/ is not a regular file/);
+  });
+
+  it('builds the agent initramfs once per agent/busybox and reuses it', function () {
+    try {
+      statSync(agentBinary);
+    } catch {
+      console.log(`      !!! SKIPPED (the agent is not built): ${agentBinary}`);
+      this.skip();
+    }
+    const cache = mkdtempSync(join(tmpdir(), 'vmlet-initramfs-cache-'));
+    const saved = process.env.VMLET_CACHE;
+    process.env.VMLET_CACHE = cache;
+    try {
+      const first = agentInitramfs();
+      assert.ok(first.startsWith(join(cache, 'agent-initramfs')), first);
+      const mtime = statSync(first).mtimeMs;
+      assert.equal(agentInitramfs(), first);
+      assert.equal(statSync(first).mtimeMs, mtime, 'not rebuilt');
+      const entries = execFileSync('sh', ['-c', `gzip -dc "${first}" | cpio -t --quiet`], { encoding: 'utf8' }).split('\n');
+      for (const e of ['init', 'bin/busybox', 'dev', 'proc', 'sys', 'run']) assert.ok(entries.includes(e), `${e} in ${entries.join(' ')}`);
+      assert.deepEqual(execFileSync('ls', [join(cache, 'agent-initramfs')], { encoding: 'utf8' }).trim().split('\n').length, 1, 'no temp file left');
+    } finally {
+      if (saved === undefined) delete process.env.VMLET_CACHE;
+      else process.env.VMLET_CACHE = saved;
+      rmSync(cache, { recursive: true, force: true });
+    }
+  });
+});
