@@ -154,7 +154,8 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
       assert.match(out, re, `terminal output so far:\n${out}`);
     };
     try {
-      await until(/# $/m);
+      // busybox sh's line editor asks the terminal for the cursor position (ESC [6n) after its prompt.
+      await until(/\/ # /);
       child.stdin.write('stty size; echo "SIZE1-$((6*7))"\r');
       await until(/30 100\r\nSIZE1-42/);
       writeFileSync(go, '');
