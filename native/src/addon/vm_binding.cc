@@ -11,6 +11,7 @@
 #include <napi.h>
 
 #include <cstring>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -171,7 +172,8 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
                                    {InstanceMethod("start", &VmHandle::Start), InstanceMethod("pause", &VmHandle::Pause),
                                     InstanceMethod("resume", &VmHandle::Resume), InstanceMethod("kill", &VmHandle::Kill),
                                     InstanceMethod("wait", &VmHandle::Wait), InstanceMethod("stats", &VmHandle::Stats),
-                                    InstanceMethod("cmdline", &VmHandle::Cmdline)});
+                                    InstanceMethod("cmdline", &VmHandle::Cmdline),
+                                    InstanceMethod("kvmStats", &VmHandle::KvmStats)});
     constructor = new Napi::FunctionReference(Napi::Persistent(f));
     env.SetInstanceData<Napi::FunctionReference>(constructor);
     exports.Set("VmHandle", f);
@@ -308,6 +310,19 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
     o.Set("exits", exits);
     o.Set("createdNs", Napi::BigInt::New(env, s.created_ns));
     if (s.first_entry_ns) o.Set("firstEntryNs", Napi::BigInt::New(env, s.first_entry_ns));
+    return o;
+  }
+
+  Napi::Value KvmStats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    std::map<std::string, uint64_t> stats;
+    try {
+      stats = machine_->KvmStatistics();
+    } catch (const std::exception& e) {
+      ThrowVmmError(env, e);
+    }
+    Napi::Object o = Napi::Object::New(env);
+    for (auto& [name, v] : stats) o.Set(name, Napi::BigInt::New(env, v));
     return o;
   }
 

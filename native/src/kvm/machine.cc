@@ -20,6 +20,7 @@
 #include "devices/rtc.h"
 #include "devices/serial.h"
 #include "virtio/device.h"
+#include "kvm/stats.h"
 
 #include "devices/blk.h"
 #include "devices/vsock.h"
@@ -253,6 +254,11 @@ void Machine::Build(const MachineConfig& config) {
 
   for (uint32_t i = 0; i < config.cpus; i++) CreateVcpu(i);
   SetupBootRegisters(vcpus_[0]);
+  // Opened here rather than on demand: the last figures must still be
+  // readable after the VM stopped and its fds closed (ReleaseResources freezes them).
+  std::vector<int> vcpu_fds;
+  for (auto& v : vcpus_) vcpu_fds.push_back(v.fd);
+  kvm_stats_ = std::make_unique<KvmStats>(vm_fd_, vcpu_fds);
 }
 
 void Machine::CreateVcpu(uint32_t index) {
@@ -678,6 +684,7 @@ void Machine::ReleaseResources() {
   pio_ = Bus();
   virtio_devices_.clear();
   serial_.reset();
+  if (kvm_stats_) kvm_stats_->Freeze();
   for (auto& v : vcpus_) {
     if (v.run) munmap(v.run, kvm_->vcpu_mmap_size());
     if (v.fd >= 0) close(v.fd);
@@ -687,6 +694,11 @@ void Machine::ReleaseResources() {
   vm_fd_ = -1;
   mem_.reset();
   kvm_.reset();
+}
+
+std::map<std::string, uint64_t> Machine::KvmStatistics() const {
+  if (!kvm_stats_) throw VmmError(ErrorKind::Kvm, "read KVM statistics", "the VM was never fully created");
+  return kvm_stats_->Snapshot();
 }
 
 MachineStats Machine::Stats() const {
