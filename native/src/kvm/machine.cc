@@ -678,13 +678,14 @@ VmExit Machine::Teardown() {
 void Machine::ReleaseResources() {
   // Devices first (they may own threads and hold guest memory and irqfds),
   // then vCPUs, the VM, and RAM last: nothing may touch RAM once it is unmapped.
+  // The vCPUs are joined: these are the last values, read before the fds go.
+  if (kvm_stats_) kvm_stats_->Freeze();
   for (auto& d : virtio_devices_) d->Shutdown();
   if (serial_) serial_->Flush();
   mmio_ = Bus();
   pio_ = Bus();
   virtio_devices_.clear();
   serial_.reset();
-  if (kvm_stats_) kvm_stats_->Freeze();
   for (auto& v : vcpus_) {
     if (v.run) munmap(v.run, kvm_->vcpu_mmap_size());
     if (v.fd >= 0) close(v.fd);
