@@ -5,7 +5,8 @@
 // initramfs and command line; p50/p90 of VMLET_BENCH_RUNS (default 5) boots
 // each, interleaved so load drift hits both alike. Two initramfs:
 //
-// 1. busybox /init (boot -> init, below), with `quiet` and, with
+// 1. busybox /init (boot -> init, below; /init prints the guest clock, so the
+//    VMM's start and the kernel's boot are told apart), with `quiet` and, with
 //    VMLET_BENCH_CONSOLE=1, also with the whole kernel log on the console.
 // 2. vmlet-agent as PID 1 (boot -> agent ready): both VMs have a virtio-vsock
 //    device (ours: hybrid vsock; QEMU: vhost-vsock-device when L2 has
@@ -49,19 +50,21 @@ const BOOT_TIMEOUT_MS = 120_000;
 const AGENT_READY_MARKER = 'vmlet-agent: listening on vsock:1024';
 const GUEST_CID = 3;
 
-/** Notes when a marker reaches this process. */
+/** Notes when a marker reaches this process; calls onDone then, or once `done` matches. */
 class MarkerTap {
   text = '';
   at?: bigint;
+  private finished = false;
   readonly closed: Promise<void>;
-  constructor(stream: Readable, onMarker: () => void, readonly marker = INIT_MARKER) {
+  constructor(stream: Readable, onDone: () => void, readonly marker = INIT_MARKER, done?: RegExp) {
     stream.setEncoding('latin1');
     stream.on('data', (d: string) => {
       const t = process.hrtime.bigint();
       this.text += d;
-      if (this.at === undefined && this.text.includes(marker)) {
-        this.at = t;
-        onMarker();
+      if (this.at === undefined && this.text.includes(marker)) this.at = t;
+      if (this.at !== undefined && !this.finished && (!done || done.test(this.text))) {
+        this.finished = true;
+        onDone();
       }
     });
     this.closed = new Promise((resolve) => {
@@ -74,8 +77,22 @@ class MarkerTap {
 interface Boot {
   toInitMs: number;
   kernelInitMs?: number;
+  /** The guest's own clock at /init (/proc/uptime): kernel boot without the VMM's start. */
+  guestUptimeMs?: number;
   /** Ours only: stats().createdNs -> firstEntryNs. */
   vmmStartMs?: number;
+}
+
+/**
+ * The busybox /init body: the guest's uptime once /init runs. Host time to
+ * /init minus this is what the VMM costs before the guest kernel's clock starts.
+ */
+const UPTIME_BODY = 'mount -t proc proc /proc && echo "VMLET-UPTIME $(cat /proc/uptime)"';
+const UPTIME_LINE = /VMLET-UPTIME (\d+\.\d+) \d/;
+
+function guestUptimeMs(serial: string): number | undefined {
+  const m = serial.match(UPTIME_LINE);
+  return m ? Number(m[1]) * 1000 : undefined;
 }
 
 /** The printk timestamp of the kernel handing over to /init. */
@@ -93,7 +110,7 @@ async function bootOurs(dir: string, kernel: string, initrd: string, cmdline: st
   const fd = openSync(fifo, constants.O_RDONLY | constants.O_NONBLOCK);
   let vm: Vm | undefined;
   // Only boot -> init is measured: the VM is stopped at the marker, not left to reboot.
-  const tap = new MarkerTap(new Socket({ fd, readable: true, writable: false }), () => void vm?.kill());
+  const tap = new MarkerTap(new Socket({ fd, readable: true, writable: false }), () => void vm?.kill(), INIT_MARKER, UPTIME_LINE);
   const t0 = process.hrtime.bigint();
   vm = await Vm.create({ kernel, initrd, cmdline, memoryMiB: MEMORY_MIB, cpus: 1, serialLog: fifo });
   vm.start();
@@ -107,6 +124,7 @@ async function bootOurs(dir: string, kernel: string, initrd: string, cmdline: st
   return {
     toInitMs: Number(tap.at - t0) / 1e6,
     kernelInitMs: kernelInitMs(tap.text),
+    guestUptimeMs: guestUptimeMs(tap.text),
     vmmStartMs: st.firstEntryNs !== undefined && st.createdNs !== undefined ? Number(st.firstEntryNs - st.createdNs) / 1e6 : undefined,
   };
 }
@@ -127,7 +145,7 @@ function bootQemu(kernel: string, initrd: string, cmdline: string): Promise<Boot
     const p = spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     // Killed at the marker: the way down is not measured, and microvm has no i8042, so
     // reboot=k would first spin on ~650k port reads (each an exit) before the triple fault.
-    const tap = new MarkerTap(p.stdout, () => p.kill('SIGKILL'));
+    const tap = new MarkerTap(p.stdout, () => p.kill('SIGKILL'), INIT_MARKER, UPTIME_LINE);
     let stderr = '';
     p.stderr.setEncoding('latin1').on('data', (d: string) => (stderr += d));
     const timer = setTimeout(() => p.kill('SIGKILL'), BOOT_TIMEOUT_MS);
@@ -138,7 +156,7 @@ function bootQemu(kernel: string, initrd: string, cmdline: string): Promise<Boot
         reject(new Error(`QEMU: no ${INIT_MARKER} (status ${status} signal ${signal} ${stderr.trim()}); serial:\n${tap.text}`));
         return;
       }
-      resolve({ toInitMs: Number(tap.at - t0) / 1e6, kernelInitMs: kernelInitMs(tap.text) });
+      resolve({ toInitMs: Number(tap.at - t0) / 1e6, kernelInitMs: kernelInitMs(tap.text), guestUptimeMs: guestUptimeMs(tap.text) });
     });
   });
 }
@@ -394,7 +412,7 @@ export async function run(): Promise<void> {
   if ('missing' in kernel) throw new Error(`the guest kernel is not built: ${kernel.missing}`);
   const dir = mkdtempSync(join(tmpdir(), 'vmlet-boot-bench-'));
   try {
-    const initrd = buildBusyboxInitramfs(dir, '');
+    const initrd = buildBusyboxInitramfs(dir, UPTIME_BODY);
     const agentInitrd = buildAgentInitramfs(dir);
     const qemuVersion = execFileSync('qemu-system-x86_64', ['--version'], { encoding: 'utf8' }).split('\n')[0];
     const vhostVsock = existsSync('/dev/vhost-vsock');
@@ -402,7 +420,7 @@ export async function run(): Promise<void> {
     const wantShmemThp = process.env.VMLET_BENCH_SHMEM_THP;
     if (wantShmemThp) writeFileSync(join(THP, 'shmem_enabled'), wantShmemThp);
     console.log(`kernel ${kernel.vmlinux} (PVH entry) for both, ${MEMORY_MIB} MiB, 1 vCPU; peer: ${qemuVersion}, -M microvm,acpi=off -accel kvm -cpu host`);
-    console.log(`initramfs 1: busybox /init printing ${INIT_MARKER} (${statSync(initrd).size} bytes); 2: vmlet-agent as /init + busybox (${statSync(agentInitrd).size} bytes)`);
+    console.log(`initramfs 1: busybox /init printing ${INIT_MARKER}, then its /proc/uptime (${statSync(initrd).size} bytes); 2: vmlet-agent as /init + busybox (${statSync(agentInitrd).size} bytes)`);
     console.log(`QEMU's vsock: ${vhostVsock ? `vhost-vsock-device, guest-cid=${GUEST_CID}` : '!!! none: /dev/vhost-vsock is missing in L2 (hack/lab/modules.txt), so QEMU\'s guest probes one device less'}`);
     console.log(`guest RAM: ours a memfd, shmem THP ${thpSetting('shmem_enabled')}${wantShmemThp ? ' (VMLET_BENCH_SHMEM_THP)' : ''}; QEMU anonymous, THP ${thpSetting('enabled')}`);
     if (debugfsMissing) console.log(`!!! QEMU's KVM counters are not available: ${debugfsMissing}`);
@@ -436,6 +454,10 @@ export async function run(): Promise<void> {
       console.log(row('start -> /init marker on the host', ours[c].map((b) => b.toInitMs), qemu[c].map((b) => b.toInitMs)));
       const ok = (b: Boot[]): number[] => b.flatMap((x) => (x.kernelInitMs === undefined ? [] : [x.kernelInitMs]));
       if (ok(ours[c]).length || ok(qemu[c]).length) console.log(row('kernel printk "Run /init"', ok(ours[c]), ok(qemu[c])));
+      const up = (b: Boot[]): number[] => b.flatMap((x) => (x.guestUptimeMs === undefined ? [] : [x.guestUptimeMs]));
+      const before = (b: Boot[]): number[] => b.flatMap((x) => (x.guestUptimeMs === undefined ? [] : [x.toInitMs - x.guestUptimeMs]));
+      console.log(row('guest clock at /init (/proc/uptime)', up(ours[c]), up(qemu[c])));
+      console.log(row('start -> guest clock starts (the two above)', before(ours[c]), before(qemu[c])));
     });
     console.log(`  agent initramfs, cmdline "${agentCmdline}"`);
     console.log(row('start -> agent ready (its vsock listener up)', oursAgent.map((b) => b.toReadyMs), qemuAgent.map((b) => b.toReadyMs)));
