@@ -153,6 +153,7 @@ interface NativeVmHandle {
   stats(): VmStats;
   cmdline(): string;
   snapshot(dir: string): Promise<SnapshotInfo>;
+  kvmStats(): Record<string, bigint>;
 }
 interface NativeAddon {
   createVm(config: VmConfig): Promise<NativeVmHandle>;
@@ -294,6 +295,22 @@ export class Vm {
 
   stats(): VmStats {
     return this.handle.stats();
+  }
+
+  /**
+   * KVM's own counters (KVM_GET_STATS_FD): vCPU statistics summed over the vCPUs
+   * under their KVM names ('exits', 'io_exits', 'mmio_exits', 'halt_exits',
+   * 'irq_exits', ...), the VM's own as 'vm.<name>'. Unlike stats().exits these
+   * include the exits KVM handles without us (in-kernel HLT, ioeventfd, NPT/EPT
+   * faults, MSRs). Live while the VM runs, the final values once it stopped.
+   * Throws KvmError on a host KVM without binary statistics (Linux < 5.14).
+   */
+  kvmStats(): Record<string, bigint> {
+    try {
+      return this.handle.kvmStats();
+    } catch (e) {
+      throw typed(e);
+    }
   }
 
   /** The kernel command line the guest received (with the virtio_mmio.device= entries). */

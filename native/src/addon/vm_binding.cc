@@ -11,6 +11,7 @@
 #include <napi.h>
 
 #include <cstring>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -121,7 +122,8 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
                                     InstanceMethod("resume", &VmHandle::Resume), InstanceMethod("kill", &VmHandle::Kill),
                                     InstanceMethod("wait", &VmHandle::Wait), InstanceMethod("stats", &VmHandle::Stats),
                                     InstanceMethod("cmdline", &VmHandle::Cmdline),
-                                    InstanceMethod("snapshot", &VmHandle::Snapshot)});
+                                    InstanceMethod("snapshot", &VmHandle::Snapshot),
+                                    InstanceMethod("kvmStats", &VmHandle::KvmStats)});
     constructor = new Napi::FunctionReference(Napi::Persistent(f));
     env.SetInstanceData<Napi::FunctionReference>(constructor);
     exports.Set("VmHandle", f);
@@ -262,6 +264,19 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
       o.Set("restoredNs", Napi::BigInt::New(env, s.restored_ns));
       o.Set("vsockResetSent", Napi::Boolean::New(env, machine_->vsock_reset_sent()));
     }
+    return o;
+  }
+
+  Napi::Value KvmStats(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    std::map<std::string, uint64_t> stats;
+    try {
+      stats = machine_->KvmStatistics();
+    } catch (const std::exception& e) {
+      ThrowVmmError(env, e);
+    }
+    Napi::Object o = Napi::Object::New(env);
+    for (auto& [name, v] : stats) o.Set(name, Napi::BigInt::New(env, v));
     return o;
   }
 

@@ -16,6 +16,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -45,6 +46,8 @@ struct Summary;
 }
 
 namespace vmlet::kvm {
+
+class KvmStats;
 
 struct DiskSpec {
   std::string path;
@@ -130,6 +133,9 @@ class Machine {
   bool vsock_reset_sent() const { return vsock_reset_sent_; }
 
   MachineStats Stats() const;
+  // KVM's own counters for this VM (kvm/stats.h): live while it runs, the last
+  // values after it stopped. Throws VmmError(Kvm) on a KVM without them.
+  std::map<std::string, uint64_t> KvmStatistics() const;
   bool started() const { return started_; }
   // The kernel command line as the guest sees it (virtio_mmio.device=... appended).
   const std::string& cmdline() const { return cmdline_; }
@@ -200,6 +206,7 @@ class Machine {
   std::atomic<uint64_t> unclaimed_mmio_{0};
   std::atomic<uint64_t> interrupted_{0};
   std::atomic<bool> mmio_logged_{false};
+  std::unique_ptr<KvmStats> kvm_stats_;
 };
 
 }  // namespace vmlet::kvm

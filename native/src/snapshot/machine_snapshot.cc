@@ -16,6 +16,7 @@
 #include "devices/serial.h"
 #include "devices/vsock.h"
 #include "kvm/machine.h"
+#include "kvm/stats.h"  // Machine owns a KvmStats; constructing one here needs the full type
 #include "snapshot/memory.h"
 #include "snapshot/snapshot.h"
 #include "virtio/mmio.h"
