@@ -409,6 +409,7 @@ export async function run(): Promise<void> {
   const kernel = findGuestKernel();
   if ('missing' in kernel) throw new Error(`the guest kernel is not built: ${kernel.missing}`);
   const dir = mkdtempSync(join(tmpdir(), 'vmlet-boot-bench-'));
+  let restoreShmemThp: (() => void) | undefined;
   try {
     const initrd = buildBusyboxInitramfs(dir, KERNEL_CLOCK_BODY);
     const agentInitrd = buildAgentInitramfs(dir);
@@ -416,7 +417,10 @@ export async function run(): Promise<void> {
     const vhostVsock = existsSync('/dev/vhost-vsock');
     const debugfsMissing = debugfsKvm();
     const wantShmemThp = process.env.VMLET_BENCH_SHMEM_THP;
+    const shmemThpBefore = thpSetting('shmem_enabled');
     if (wantShmemThp) writeFileSync(join(THP, 'shmem_enabled'), wantShmemThp);
+    // Put back at the end, so a later run in the same L2 measures the default again.
+    restoreShmemThp = wantShmemThp ? () => writeFileSync(join(THP, 'shmem_enabled'), shmemThpBefore) : undefined;
     console.log(`kernel ${kernel.vmlinux} (PVH entry) for both, ${MEMORY_MIB} MiB, 1 vCPU; peer: ${qemuVersion}, -M microvm,acpi=off -accel kvm -cpu host`);
     console.log(`initramfs 1: busybox /init printing ${INIT_MARKER}, then the kernel's timestamp of it (${statSync(initrd).size} bytes); 2: vmlet-agent as /init + busybox (${statSync(agentInitrd).size} bytes)`);
     console.log(`QEMU's vsock: ${vhostVsock ? `vhost-vsock-device, guest-cid=${GUEST_CID}` : '!!! none: /dev/vhost-vsock is missing in L2 (hack/lab/modules.txt), so QEMU\'s guest probes one device less'}`);
@@ -480,6 +484,7 @@ export async function run(): Promise<void> {
     console.log(`load average (1 min): ${loadBefore.toFixed(2)} before, ${loadavg()[0].toFixed(2)} after`);
     console.log('"QEMU/ours" > 1: ours is faster. The lab nests KVM under TCG: compare the ratio, not the absolute times.');
   } finally {
+    restoreShmemThp?.();
     rmSync(dir, { recursive: true, force: true });
   }
 }
