@@ -10,7 +10,7 @@
 // The lab stage (hack/kvm-lab): on the host, after the host suites, test/kvm and
 // test/lab run again inside the lab (`hack/kvm-lab run -- node test/run.mjs kvm lab`,
 // VMLET_LAB=inside), under their own time budget (VMLET_LAB_BUDGET seconds per
-// run, default 900; a run that hangs L2 is redone up to twice), and their counts are folded into the closing line. A lab that
+// run, default 1500; a run that hangs L2 is redone up to twice), and their counts are folded into the closing line. A lab that
 // cannot start here counts those suites as skipped, a lab that breaks as failed.
 // `node test/run.mjs lab` runs only the lab stage (npm run test:lab);
 // VMLET_LAB=skip skips it (loudly, counted as skipped).
@@ -126,7 +126,7 @@ if (!inside && suites.includes('lab')) {
 }
 
 async function labStage() {
-  const budget = Number(process.env.VMLET_LAB_BUDGET ?? 900);
+  const budget = Number(process.env.VMLET_LAB_BUDGET ?? 1500);
   console.log(`\n=== lab stage: test/kvm + test/lab inside hack/kvm-lab (standard KVM), budget ${budget} s ===`);
   const started = Date.now();
   // The inner runner's lines are prefixed so that its own closing line is not

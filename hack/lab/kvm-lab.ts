@@ -75,7 +75,7 @@ options:
   --retries N           boot attempts after a wedged or reset L2 (default 2)
   --hang SECONDS        L2 silent on its heartbeat this long while the command
                         runs counts as hung: killed, exit 125 (default 120)
-  --rerun-on-hang N     run the command again from a fresh boot when L2 hangs
+  --rerun-on-hang N     run the command again from a fresh boot when L2 hangs or panics
                         under it, up to N times (default 0: only for commands
                         that can safely run twice, such as test suites)
   --scratch DIR         pass DIR through read-write at the same path
@@ -432,9 +432,15 @@ async function bootAttempt(
     if (readyAt === null && q.child.exitCode !== null && q.child.exitCode !== 0) {
       settle({ kind: 'failed', why: `QEMU failed to run L2 (exit ${how}): ${tail(sock('qemu.log'), 5).trim() || 'no message'}` });
     } else {
+      // A panic of L2's own kernel under the command ("corrupted stack end detected
+      // inside scheduler" was seen under TCG with several nested guests) is the lab
+      // breaking, like a hang, and is rerun from a fresh boot the same way.
+      const panic = /^.*(Kernel panic.*)$/m.exec(consoleTail);
       settle(readyAt === null
         ? { kind: 'wedged', why: `QEMU exited (${how}) before the readiness marker` }
-        : { kind: 'failed', why: `L2 went down while the command ran (QEMU exit ${how})` });
+        : panic
+          ? { kind: 'hung', why: `L2's kernel panicked under the command (${panic[1].trim()})` }
+          : { kind: 'failed', why: `L2 went down while the command ran (QEMU exit ${how})` });
     }
   });
 

@@ -185,6 +185,23 @@ describe('hack/kvm-lab: in the L2 lab (boots QEMU TCG)', function () {
     rmSync(rep.runDir, { recursive: true, force: true });
   });
 
+  it('reruns the command from a fresh boot when L2\'s kernel panics under it', () => {
+    // sysrq-c panics L2 on purpose: the lab breaking, not the command failing.
+    const report = join(scratch, 'panic.json');
+    const marker = join(scratch, 'panicked-once');
+    const r = lab(['run', '--rerun-on-hang', '1', '--scratch', scratch, '--report', report, '--',
+      'sh', '-c', 'if [ -e "$0" ]; then echo second run; exit 3; fi; touch "$0"; sync; echo first run; echo c > /proc/sysrq-trigger; sleep 60; echo not reached', marker]);
+    assert.equal(r.code, 3, r.stderr);
+    assert.match(r.stderr, /attempt 1: L2's kernel panicked under the command \(Kernel panic/);
+    assert.match(r.stderr, /running the command again from a fresh boot/);
+    assert.match(r.stdout, /^second run$/m);
+    assert.doesNotMatch(r.stdout, /not reached/);
+    const rep = readReport(report);
+    assert.deepEqual(rep.attempts.map((a) => a.outcome), ['hung', 'exited']);
+    assert.deepEqual(processesUsing(rep.runDir), []);
+    rmSync(rep.runDir, { recursive: true, force: true });
+  });
+
   it('retries a boot that is not ready in time, then gives up with the console tail (exit 125)', () => {
     // One second is far below any L2 boot under TCG, so every attempt is a wedge.
     const report = join(scratch, 'wedged.json');
