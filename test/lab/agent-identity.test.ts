@@ -7,9 +7,9 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Vm } from '../../native/ts/vmm';
-import { requireKvm } from '../helpers/kvm';
 import { AgentClient } from '../../shim/agent/client';
-import { agentInitramfs, findGuestKernel, guestCmdline } from '../../shim/sandbox/guest';
+import { agentInitramfs, guestCmdline } from '../../shim/sandbox/guest';
+import { requireLabGuestKernel } from '../helpers/guest-kernel';
 import { waitForAgent } from '../../shim/sandbox/sandbox';
 import { collect } from '../unit/agent-harness';
 
@@ -42,17 +42,7 @@ describe('agent SET_IDENTITY in a guest (inside hack/kvm-lab)', function () {
   let client: AgentClient;
 
   before(async function () {
-    if (process.env.VMLET_LAB !== 'inside') {
-      console.log('      !!! SKIPPED (runs only inside hack/kvm-lab; test/run.mjs puts it there)');
-      this.skip();
-    }
-    requireKvm(this);
-    const kernel = findGuestKernel();
-    if ('missing' in kernel) {
-      console.log(`      !!! SKIPPED (the guest kernel is not built): ${kernel.missing}`);
-      this.skip();
-      return;
-    }
+    const kernel = requireLabGuestKernel(this);
     work = mkdtempSync(join(tmpdir(), 'vmlet-identity-'));
     const vsockPath = join(work, 'vsock.sock');
     const serialLog = join(work, 'serial.log');

@@ -7,9 +7,9 @@ import { strict as assert } from 'node:assert';
 import { mkdtempSync, openSync, readdirSync, readSync, rmSync, statSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { requireKvm } from '../helpers/kvm';
 import { AgentClient } from '../../shim/agent/client';
-import { agentInitramfs, findGuestKernel, guestCmdline } from '../../shim/sandbox/guest';
+import { agentInitramfs, guestCmdline } from '../../shim/sandbox/guest';
+import { requireLabGuestKernel } from '../helpers/guest-kernel';
 import { RestoredGuest, TemplatePool, TemplateSpec } from '../../shim/sandbox/template-pool';
 import { collect } from '../unit/agent-harness';
 
@@ -36,17 +36,7 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
   const guests: RestoredGuest[] = [];
 
   before(async function () {
-    if (process.env.VMLET_LAB !== 'inside') {
-      console.log('      !!! SKIPPED (runs only inside hack/kvm-lab; test/run.mjs puts it there)');
-      this.skip();
-    }
-    requireKvm(this);
-    const kernel = findGuestKernel();
-    if ('missing' in kernel) {
-      console.log(`      !!! SKIPPED (the guest kernel is not built): ${kernel.missing}`);
-      this.skip();
-      return;
-    }
+    const kernel = requireLabGuestKernel(this);
     work = mkdtempSync(join(tmpdir(), 'vmlet-pool-'));
     poolSpec = { kernel: kernel.vmlinux, initrd: agentInitramfs(), cpus: 1, memoryMiB: 256, cmdline: guestCmdline('quiet') };
     pool = new TemplatePool({

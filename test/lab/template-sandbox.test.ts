@@ -6,8 +6,7 @@ import { strict as assert } from 'node:assert';
 import { existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { requireKvm } from '../helpers/kvm';
-import { findGuestKernel } from '../../shim/sandbox/guest';
+import { requireLabGuestKernel } from '../helpers/guest-kernel';
 import { Sandbox } from '../../shim/sandbox/sandbox';
 import { templateLauncher } from '../../shim/sandbox/template-pool';
 import { buildTestLayers, collect } from '../unit/agent-harness';
@@ -30,16 +29,7 @@ describe('sandboxes restored from a template with their image layers (inside hac
   const sandboxes: Sandbox[] = [];
 
   before(async function () {
-    if (process.env.VMLET_LAB !== 'inside') {
-      console.log('      !!! SKIPPED (runs only inside hack/kvm-lab; test/run.mjs puts it there)');
-      this.skip();
-    }
-    requireKvm(this);
-    const kernel = findGuestKernel();
-    if ('missing' in kernel) {
-      console.log(`      !!! SKIPPED (the guest kernel is not built): ${kernel.missing}`);
-      this.skip();
-    }
+    requireLabGuestKernel(this);
     // The layers are made with mksquashfs from busybox-static; the guest mounts them, not this host.
     if (spawnSync('sh', ['-c', 'command -v mksquashfs']).status !== 0 || !existsSync('/bin/busybox')) {
       console.log('      !!! SKIPPED: building the test layers needs mksquashfs and /bin/busybox (busybox-static)');

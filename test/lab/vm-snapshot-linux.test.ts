@@ -8,9 +8,8 @@ import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Vm } from '../../native/ts/vmm';
-import { requireKvm } from '../helpers/kvm';
 import { AgentClient } from '../../shim/agent/client';
-import { agentBinary, buildAgentInitramfs, findGuestKernel, GuestKernel, guestCmdline } from '../helpers/guest-kernel';
+import { agentBinary, buildAgentInitramfs, GuestKernel, guestCmdline, requireLabGuestKernel } from '../helpers/guest-kernel';
 
 const READY_TIMEOUT_MS = 120_000;
 
@@ -74,21 +73,11 @@ describe('Linux guest snapshot/restore with the agent (inside hack/kvm-lab)', fu
   let work: string;
 
   before(function () {
-    if (process.env.VMLET_LAB !== 'inside') {
-      console.log('      !!! SKIPPED (runs only inside hack/kvm-lab; test/run.mjs puts it there)');
-      this.skip();
-    }
-    requireKvm(this);
-    const found = findGuestKernel();
-    if ('missing' in found) {
-      console.log(`      !!! SKIPPED (the guest kernel is not built): ${found.missing}`);
-      this.skip();
-    }
+    kernel = requireLabGuestKernel(this);
     if (!existsSync(agentBinary)) {
       console.log(`      !!! SKIPPED (the agent is not built): ${agentBinary} is missing: run npm run build:agent`);
       this.skip();
     }
-    kernel = found;
     work = mkdtempSync(join(tmpdir(), 'vmlet-snap-linux-'));
   });
   after(() => {
