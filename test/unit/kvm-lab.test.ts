@@ -53,9 +53,15 @@ describe('hack/kvm-lab: command line (no VM)', () => {
     assert.throws(() => parseArgs(['run', 'true'], {}, '/'), /put the command after --/);
     assert.throws(() => parseArgs(['shell', '--', 'ls'], {}, '/'), /shell takes no command/);
     assert.throws(() => parseArgs(['run', '--hang', '5', '--', 'true'], {}, '/'), /--hang 5: expected a whole number from 10 to 86400/);
+    assert.throws(() => parseArgs(['run', '--tcg-threads', 'many', '--', 'true'], {}, '/'), /--tcg-threads many: expected single or multi/);
     const r = lab(['boot']);
     assert.equal(r.code, EXIT_USAGE);
     assert.match(r.stderr, /unknown subcommand 'boot': use run or shell/);
+  });
+
+  it('runs L2 on single-threaded TCG unless asked for one thread per vCPU', () => {
+    assert.equal(parseArgs(['run', '--', 'true'], {}, '/').tcgThreads, 'single');
+    assert.equal(parseArgs(['run', '--tcg-threads', 'multi', '--', 'true'], {}, '/').tcgThreads, 'multi');
   });
 
   it('rejects a scratch directory that does not exist or cannot travel on the kernel command line', () => {
