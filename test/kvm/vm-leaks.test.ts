@@ -23,15 +23,6 @@ describe('vm resource release on /dev/kvm', function () {
   let scratch: Scratch;
   let kernel: string;
   before(function () {
-    // Known problem, not hidden: since this session's merges (snapshots, kvm stats,
-    // boot changes), 24 fast VM create/destroys inside the KVM lab hang its L2
-    // kernel (soft lockup) in most runs, which takes every later lab test with it.
-    // Bisecting THP / stats fds / memslot order did not isolate it. The suite still
-    // runs on this host's raw /dev/kvm; in the lab it is skipped, loudly, until fixed.
-    if (process.env.VMLET_LAB === 'inside' && process.env.VMLET_LAB_LEAKS !== '1') {
-      console.log('      !!! SKIPPED inside the KVM lab: fast VM create/destroy hangs L2 (under investigation; VMLET_LAB_LEAKS=1 runs it)');
-      this.skip();
-    }
     requireKvm(this);
     scratch = new Scratch();
     kernel = writeImage(scratch.path('touch.elf'), touch8MiB);

@@ -53,9 +53,10 @@ GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layou
     // faults instead of ~7,000 (hack/bench/boot.bench.ts in the lab: ~10,000
     // KVM exits down to ~2,600). The default `never` makes this a no-op, and a
     // refusal only loses the speed-up.
-    // Not enabled yet: with it, test/kvm/vm-leaks (24 VMs made and torn down
-    // fast) hung the KVM lab's L2 kernel (khugepaged suspected, unproven).
-    if (getenv("VMLET_GUEST_RAM_THP") && std::string(getenv("VMLET_GUEST_RAM_THP")) == "1") madvise(p, size, MADV_HUGEPAGE);
+    // VMLET_GUEST_RAM_THP=0 turns it off (to measure without it). The KVM lab
+    // hangs once blamed on it came from multi-threaded TCG (hack/lab/README.md).
+    const char* thp = getenv("VMLET_GUEST_RAM_THP");
+    if (!(thp && std::string(thp) == "0")) madvise(p, size, MADV_HUGEPAGE);
     regions_.push_back(MemoryRegion{gpa, size, static_cast<uint8_t*>(p), off});
     off += size;
   }
