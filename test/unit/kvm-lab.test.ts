@@ -59,8 +59,9 @@ describe('hack/kvm-lab: command line (no VM)', () => {
     assert.match(r.stderr, /unknown subcommand 'boot': use run or shell/);
   });
 
-  it('runs L2 on single-threaded TCG unless asked for one thread per vCPU', () => {
+  it('runs L2 with one vCPU on single-threaded TCG unless asked otherwise', () => {
     assert.equal(parseArgs(['run', '--', 'true'], {}, '/').tcgThreads, 'single');
+    assert.equal(parseArgs(['run', '--', 'true'], {}, '/').cpus, 1);
     assert.equal(parseArgs(['run', '--tcg-threads', 'multi', '--', 'true'], {}, '/').tcgThreads, 'multi');
   });
 
