@@ -290,6 +290,8 @@ function qemuArgs(opts: LabOptions, art: LabArtefacts, sock: (n: string) => stri
     args.push('-chardev', `stdio,id=con,mux=on,signal=off,logfile=${sock('console.log')}`, '-serial', 'chardev:con', '-mon', 'chardev=con');
   } else {
     args.push('-chardev', `socket,id=con,path=${sock('con.sock')}`, '-serial', 'chardev:con', '-device', 'virtio-serial-pci');
+    // The human monitor, so a hung L2's vCPU registers can be kept for the post-mortem.
+    args.push('-monitor', `unix:${sock('mon.sock')},server=on,wait=off`);
     for (const p of ['stdout', 'stderr', 'ctl']) {
       args.push('-chardev', `socket,id=${p},path=${sock(`${p}.sock`)}`, '-device', `virtserialport,chardev=${p},name=vmlet.${p}`);
     }
@@ -463,7 +465,11 @@ async function bootAttempt(
         ? { kind: 'wedged', why: `QEMU exited (${how}) before the readiness marker` }
         : panic
           ? { kind: 'hung', why: `L2's kernel panicked under the command (${panic[1].trim()})` }
-          : { kind: 'failed', why: `L2 went down while the command ran (QEMU exit ${how})` });
+          // A reset (QEMU exit 0 under -no-reboot) with no panic text: a triple
+          // fault of L2's own kernel, seen under TCG with nested guests; the lab broke.
+          : q.child.exitCode === 0
+            ? { kind: 'hung', why: 'L2 reset itself under the command (a triple fault of its kernel; QEMU exit 0)' }
+            : { kind: 'failed', why: `L2 went down while the command ran (QEMU exit ${how})` });
     }
   });
 
@@ -477,6 +483,7 @@ async function bootAttempt(
     await q.exited;
     clearTimeout(poweroff);
   } else {
+    if (o.kind === 'hung' && q.child.exitCode === null) await dumpRegisters(sock('mon.sock'), sock('registers.log'));
     q.kill();
     await q.exited;
   }
@@ -493,6 +500,32 @@ async function bootAttempt(
     : o.kind === 'interrupted' ? `interrupted by ${o.signal}`
     : o.why;
   return report(o, detail);
+}
+
+/**
+ * Asks QEMU's monitor for every L2 vCPU's registers (RIP, CR3, EFER, hflags: in
+ * or out of nested guest mode) and writes them to `out`. Best effort, bounded to
+ * a few seconds: it only feeds the post-mortem of a hung L2.
+ */
+function dumpRegisters(monitorPath: string, out: string): Promise<void> {
+  return new Promise((res) => {
+    let text = '';
+    const c = new Socket();
+    const done = (): void => {
+      clearTimeout(timer);
+      c.destroy();
+      try {
+        writeFileSync(out, text || 'the monitor did not answer\n');
+      } catch {
+        // the run directory is gone: nothing to keep
+      }
+      res();
+    };
+    const timer = setTimeout(done, 5000);
+    c.on('data', (b) => { text += b.toString('utf8'); });
+    c.on('error', (e) => { text += `monitor: ${e.message}\n`; done(); });
+    c.connect(monitorPath, () => c.write('info registers -a\n'));
+  });
 }
 
 function tail(file: string, lines: number): string {
@@ -545,7 +578,8 @@ export async function runLab(opts: LabOptions): Promise<RunReport> {
         break;
       }
       if (outcome.kind === 'hung') {
-        say(`attempt ${n}: ${outcome.why}; killed; console log: ${report.consoleLog}`);
+        const regs = report.consoleLog.replace(/console\.log$/, 'registers.log');
+        say(`attempt ${n}: ${outcome.why}; killed; console log: ${report.consoleLog}${existsSync(regs) ? `; L2 registers: ${regs}` : ''}`);
         if (rerunsLeft > 0) {
           rerunsLeft--;
           bootsLeft = opts.retries + 1;

@@ -182,6 +182,10 @@ describe('hack/kvm-lab: in the L2 lab (boots QEMU TCG)', function () {
       'sh', '-c', 'if [ -e "$0" ]; then echo second run; exit 3; fi; touch "$0"; echo first run; echo freeze > /sys/power/state; echo not reached', marker]);
     assert.equal(r.code, 3, r.stderr);
     assert.match(r.stderr, /attempt 1: L2 hung under the command: no heartbeat for 10 s; killed/);
+    // The hung L2's vCPU registers are kept beside its console log, from QEMU's monitor.
+    const regs = /L2 registers: (\S+)/.exec(r.stderr);
+    assert.ok(regs, r.stderr);
+    assert.match(readFileSync(regs[1], 'utf8'), /RIP=[0-9a-f]{16}/);
     assert.match(r.stderr, /running the command again from a fresh boot/);
     assert.match(r.stdout, /^first run$/m);
     assert.match(r.stdout, /^second run$/m);
