@@ -65,6 +65,6 @@ describe('vmlet run -u with user and group names (inside hack/kvm-lab)', functio
     const r = await runCli(['run', '-u', 'ghost', rootDir, '--', 'sh', '-c', 'echo ran']);
     assert.equal(r.code, 125, show(r));
     assert.equal(r.stdout.toString(), '');
-    assert.match(r.stderr.toString(), /UNKNOWN_USER: user 'ghost' not found in \/etc\/passwd of rootfs '[^']+'/, show(r));
+    assert.match(r.stderr.toString(), /UNKNOWN_USER: EXEC "sh": user 'ghost' not found in \/etc\/passwd of rootfs '[^']+'/, show(r));
   });
 });
