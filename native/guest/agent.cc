@@ -44,6 +44,7 @@
 
 #include "init.h"
 #include "protocol.h"
+#include "userdb.h"
 #include "rootfs.h"
 
 namespace vmlet::agent {
@@ -567,7 +568,9 @@ Process* Agent::FindProcess(Conn* c, uint32_t id, uint32_t reply_id) {
 void Agent::HandleFrame(Conn* c, const FrameHeader& h, const std::vector<uint8_t>& payload) {
   HostMessage m;
   DecodeError err;
-  if (!DecodeHostMessage(h, payload.data(), payload.size(), &m, &err)) {
+  // Before HELLO nothing is served; decode as the newest version so the
+  // reply is NO_HELLO rather than a layout complaint.
+  if (!DecodeHostMessage(h, payload.data(), payload.size(), &m, &err, c->hello ? c->version : kProtocolVersion)) {
     SendError(c, h.id, err.code, err.message);
     return;
   }
@@ -802,7 +805,18 @@ void Agent::HandleExec(Conn* c, const HostMessage& m) {
   if (id == 0) return bad("EXEC needs a non-zero request id: it becomes the process id of its streams");
   if (c->procs.count(id)) return bad("process id " + std::to_string(id) + " is still in use on this connection");
   if (r.args.empty()) return bad("EXEC args is empty: give at least the program to run");
-  if (r.flags & ~kExecKnownFlags) return bad("EXEC flags has unknown bits set");
+  if (r.flags & ~ExecKnownFlags(c->version))
+    return bad(c->version >= 3 ? "EXEC flags has unknown bits set (known: 1 tty, 2 user)"
+                               : "EXEC flags has unknown bits set (known in protocol version " +
+                                     std::to_string(c->version) + ": 1 tty; 2 user needs version 3)");
+  bool by_name = r.flags & kExecUser;
+  UserSpec spec;
+  if (by_name) {
+    if (r.uid != 0 || r.gid != 0 || !r.groups.empty())
+      return bad("EXEC with the user flag takes uid, gid and groups from the user string: send them as 0 and empty");
+    std::string why;
+    if (!ParseUserSpec(r.user, &spec, &why)) return bad(why);
+  }
   if (!r.cwd.empty() && r.cwd[0] != '/') return bad("EXEC cwd '" + r.cwd + "' must be an absolute path");
   if (r.hostname.size() > 64) return bad("EXEC hostname is longer than 64 bytes");
   for (const Rlimit& l : r.rlimits) {
@@ -832,6 +846,39 @@ void Agent::HandleExec(Conn* c, const HostMessage& m) {
   s.gid = r.gid;
   s.groups.assign(r.groups.begin(), r.groups.end());
   s.rlimits = r.rlimits;
+  if (by_name) {
+    // Resolved here, before the fork, against the rootfs the process will
+    // get (the container's files, not the agent's), so an unknown name is a
+    // reply of its own and no process is started.
+    std::string where = r.rootfs.empty() ? "the agent's root" : "rootfs '" + r.rootfs + "'";
+    int root_fd = open(s.chroot_dir.empty() ? "/" : s.chroot_dir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (root_fd < 0) {
+      SendError(c, id, ErrorCode::ExecFailed, "resolving user '" + r.user + "': opening " + where + ": " + std::strerror(errno));
+      return;
+    }
+    ExecUser u;
+    ResolveError rerr;
+    bool resolved = ResolveExecUser(root_fd, spec, where, &u, &rerr);
+    close(root_fd);
+    if (!resolved) {
+      SendError(c, id, rerr.unknown ? ErrorCode::UnknownUser : ErrorCode::ExecFailed, rerr.message);
+      return;
+    }
+    s.uid = u.uid;
+    s.gid = u.gid;
+    s.groups.assign(u.groups.begin(), u.groups.end());
+    // Docker and runc give HOME from passwd when the request has none.
+    bool has_home = false;
+    for (const std::string& e : s.env)
+      if (e.rfind("HOME=", 0) == 0) has_home = true;
+    if (!has_home) {
+      s.env.push_back("HOME=" + u.home);
+      // The push may have moved every string: envp is rebuilt over them.
+      s.envp.clear();
+      for (std::string& e : s.env) s.envp.push_back(e.data());
+      s.envp.push_back(nullptr);
+    }
+  }
 
   bool tty = r.flags & kExecTty;
   int parent_fds[3] = {-1, -1, -1};  // stdin (write end), stdout, stderr (read ends)

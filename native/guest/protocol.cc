@@ -173,7 +173,7 @@ bool DecodeHello(PayloadReader& r, HelloReq* out) {
   return r.Finish();
 }
 
-bool DecodeExec(PayloadReader& r, ExecReq* out) {
+bool DecodeExec(PayloadReader& r, ExecReq* out, uint32_t version) {
   out->flags = r.U32("flags");
   out->args = r.StrList("args");
   out->env = r.StrList("env");
@@ -194,6 +194,7 @@ bool DecodeExec(PayloadReader& r, ExecReq* out) {
   }
   out->rows = r.U16("rows");
   out->cols = r.U16("cols");
+  if (version >= 3 && (out->flags & kExecUser)) out->user = r.Str("user");
   return r.Finish();
 }
 
@@ -219,7 +220,7 @@ bool DecodeSetIdentity(PayloadReader& r, SetIdentityReq* out) {
 }
 
 bool DecodeHostMessage(const FrameHeader& h, const uint8_t* payload, size_t n, HostMessage* out,
-                       DecodeError* err) {
+                       DecodeError* err, uint32_t version) {
   out->header = h;
   PayloadReader r(payload, n);
   bool ok = true;
@@ -234,7 +235,7 @@ bool DecodeHostMessage(const FrameHeader& h, const uint8_t* payload, size_t n, H
     case MsgType::SetClock: ok = DecodeSetClock(r, &out->clock); break;
     case MsgType::SetIdentity: ok = DecodeSetIdentity(r, &out->identity); break;
     case MsgType::MountRootfs: ok = DecodeMountRootfs(r, &out->mount); break;
-    case MsgType::Exec: ok = DecodeExec(r, &out->exec); break;
+    case MsgType::Exec: ok = DecodeExec(r, &out->exec, version); break;
     case MsgType::Stdin: out->data = r.Bytes("data"); ok = r.Finish(); break;
     case MsgType::StdinEof: ok = r.Finish(); break;
     case MsgType::Signal:
@@ -352,6 +353,7 @@ const char* ErrorCodeName(ErrorCode c) {
     case ErrorCode::Unsupported: return "UNSUPPORTED";
     case ErrorCode::Internal: return "INTERNAL";
     case ErrorCode::IdentityFailed: return "IDENTITY_FAILED";
+    case ErrorCode::UnknownUser: return "UNKNOWN_USER";
   }
   return "UNKNOWN";
 }

@@ -14,8 +14,9 @@
 namespace vmlet::agent {
 
 // The highest version this agent speaks and the lowest it still serves; a
-// HELLO gets the highest common one. Version 2 adds SET_IDENTITY only.
-constexpr uint32_t kProtocolVersion = 2;
+// HELLO gets the highest common one. Version 2 adds SET_IDENTITY only;
+// version 3 adds EXEC's USER flag (a user string resolved in the rootfs).
+constexpr uint32_t kProtocolVersion = 3;
 constexpr uint32_t kMinProtocolVersion = 1;
 constexpr size_t kHeaderSize = 12;
 // A frame's payload may not exceed this. Large enough for an EXEC with a big
@@ -68,6 +69,7 @@ enum class ErrorCode : uint32_t {
   Unsupported = 12,     // valid request this agent cannot do in its mode
   Internal = 13,
   IdentityFailed = 14,  // version 2: a SET_IDENTITY step failed (step and errno named)
+  UnknownUser = 15,     // version 3: EXEC's user or group name is not in the rootfs's passwd/group
 };
 
 enum class StreamId : uint8_t { Stdout = 1, Stderr = 2 };
@@ -147,7 +149,11 @@ struct Rlimit {
 };
 
 constexpr uint32_t kExecTty = 1u << 0;
-constexpr uint32_t kExecKnownFlags = kExecTty;
+// Version 3: the payload ends with `str user` (user[:group]) that the agent
+// resolves in the process's rootfs; uid, gid and groups must then be 0/empty.
+constexpr uint32_t kExecUser = 1u << 1;
+// Flags a connection may use, by the version it agreed on.
+constexpr uint32_t ExecKnownFlags(uint32_t version) { return version >= 3 ? kExecTty | kExecUser : kExecTty; }
 
 struct ExecReq {
   uint32_t flags = 0;
@@ -162,6 +168,7 @@ struct ExecReq {
   std::vector<Rlimit> rlimits;
   uint16_t rows = 0;
   uint16_t cols = 0;
+  std::string user;  // kExecUser (version 3)
 };
 
 struct MountRootfsReq {
@@ -197,7 +204,9 @@ struct SetIdentityReq {
 
 // Each returns false with r.error() set when the payload is malformed.
 bool DecodeHello(PayloadReader& r, HelloReq* out);
-bool DecodeExec(PayloadReader& r, ExecReq* out);
+// version: the connection's; the user field exists only from version 3, so
+// a version-2 host setting bit 1 still gets what version 2 says of it.
+bool DecodeExec(PayloadReader& r, ExecReq* out, uint32_t version = kProtocolVersion);
 bool DecodeMountRootfs(PayloadReader& r, MountRootfsReq* out);
 bool DecodeSetClock(PayloadReader& r, SetClockReq* out);
 bool DecodeSetIdentity(PayloadReader& r, SetIdentityReq* out);
@@ -221,7 +230,7 @@ struct HostMessage {
 // Decodes a complete payload for header.type. Unknown types and bad fields
 // come back as a DecodeError the agent turns into an ERROR reply.
 bool DecodeHostMessage(const FrameHeader& h, const uint8_t* payload, size_t n,
-                       HostMessage* out, DecodeError* err);
+                       HostMessage* out, DecodeError* err, uint32_t version = kProtocolVersion);
 
 // Splits a byte stream into frames without ever buffering more than one
 // kMaxPayload payload; oversized payloads are skipped as they arrive.

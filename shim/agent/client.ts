@@ -9,6 +9,7 @@ import {
   AgentError,
   DEFAULT_VSOCK_PORT,
   EXEC_FLAG_TTY,
+  EXEC_FLAG_USER,
   FrameHeader,
   FrameParser,
   IDENTITY_FLAG_CLOCK,
@@ -53,6 +54,15 @@ export interface ExecOptions {
   gid?: number;
   /** Supplementary groups; absent means none. */
   groups?: number[];
+  /**
+   * `user`, `uid`, `user:group`, `uid:gid`, `user:gid` or `uid:group` (empty: the
+   * default user, uid 0), resolved by the agent in the rootfs's /etc/passwd and
+   * /etc/group as runc does: gid from passwd (0 when the uid has no entry),
+   * supplementary groups from every group listing the user (none when a group
+   * is given), HOME from passwd when env has none. Exclusive with uid, gid
+   * and groups. Needs protocol version 3; an unknown name is UNKNOWN_USER.
+   */
+  user?: string;
   rlimits?: Rlimit[];
   /** A terminal instead of three pipes: stdout carries everything, stderr is empty. */
   tty?: { rows: number; cols: number };
@@ -273,6 +283,13 @@ export class AgentClient {
     const u16 = (v: number, field: string): void => {
       if (!Number.isInteger(v) || v < 0 || v > 0xffff) throw new AgentError('BAD_REQUEST', `exec ${field} ${v} is not an integer in 0..65535`);
     };
+    if (opts.user !== undefined) {
+      const version = this.hello?.version ?? 0;
+      if (version < 3)
+        throw new AgentError('UNSUPPORTED', `exec user '${opts.user}' is resolved by the agent from protocol version 3; this agent (${this.hello?.agentVersion ?? 'unknown'}) agreed on version ${version}: rebuild the guest's agent, or give a numeric uid and gid`);
+      if (opts.uid !== undefined || opts.gid !== undefined || opts.groups !== undefined)
+        throw new AgentError('BAD_REQUEST', `exec user '${opts.user}' decides uid, gid and groups: do not give them too`);
+    }
     u32(opts.uid ?? 0, 'uid');
     u32(opts.gid ?? 0, 'gid');
     (opts.groups ?? []).forEach((g) => u32(g, 'group'));
@@ -286,7 +303,7 @@ export class AgentClient {
         if (v < 0n || v > 0xffffffffffffffffn) throw new AgentError('BAD_REQUEST', `exec rlimit ${l.resource} value ${v} is outside 0..2^64-1`);
     }
     const w = new PayloadWriter()
-      .u32(opts.tty ? EXEC_FLAG_TTY : 0)
+      .u32((opts.tty ? EXEC_FLAG_TTY : 0) | (opts.user !== undefined ? EXEC_FLAG_USER : 0))
       .strList(opts.args)
       .strList(opts.env ?? [])
       .str(opts.cwd ?? '')
@@ -301,6 +318,7 @@ export class AgentClient {
     w.u32(rlimits.length);
     for (const l of rlimits) w.u32(RLIMIT[l.resource]).u64(l.soft).u64(l.hard);
     w.u16(opts.tty?.rows ?? 0).u16(opts.tty?.cols ?? 0);
+    if (opts.user !== undefined) w.str(opts.user);
     const id = this.allocId();
     // The process must exist before STARTED arrives: OUTPUT may follow it in
     // the same read.

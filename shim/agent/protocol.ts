@@ -3,7 +3,7 @@
 // agent's implementation of the same bytes.
 
 /** The highest version this host speaks; it still accepts agents that speak only MIN_PROTOCOL_VERSION. */
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSION = 3;
 export const MIN_PROTOCOL_VERSION = 1;
 export const HEADER_SIZE = 12;
 export const MAX_PAYLOAD = 1 << 20;
@@ -51,6 +51,7 @@ export const WIRE_ERROR_CODES = {
   12: 'UNSUPPORTED',
   13: 'INTERNAL',
   14: 'IDENTITY_FAILED',
+  15: 'UNKNOWN_USER',
 } as const;
 
 export type WireErrorCode = (typeof WIRE_ERROR_CODES)[keyof typeof WIRE_ERROR_CODES];
@@ -69,6 +70,10 @@ export class AgentError extends Error {
 }
 
 export const EXEC_FLAG_TTY = 1;
+/** Version 3: EXEC ends with `str user` (user[:group]), resolved by the agent in the process's rootfs. */
+export const EXEC_FLAG_USER = 2;
+/** The agent refuses longer user strings (BAD_REQUEST); names are at most 32 bytes on Linux. */
+export const MAX_USER_SPEC = 256;
 
 /** SET_IDENTITY flags: which optional parts the request carries (entropy is always applied). */
 export const IDENTITY_FLAG_CLOCK = 1;

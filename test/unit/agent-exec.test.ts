@@ -19,8 +19,8 @@ describe('agent: processes (host-side, over a Unix socket)', function () {
     client = c;
   });
 
-  it('handshake agrees on protocol version 2 (the highest both speak) with a host-side (not PID 1) agent', () => {
-    assert.equal(client.hello?.version, 2);
+  it('handshake agrees on protocol version 3 (the highest both speak) with a host-side (not PID 1) agent', () => {
+    assert.equal(client.hello?.version, 3);
     assert.equal(client.hello?.initMode, false);
     assert.equal(client.hello?.maxPayload, 1 << 20);
   });

@@ -21,7 +21,7 @@ describe('agent: decoder fuzzing', function () {
       assert.equal(r.status, 0, `fuzz driver failed: ${r.stderr}`);
       const s = parseSummary(r.stdout);
       // The loop must actually reach every outcome, or it is not testing them.
-      for (const k of ['ok', 'BAD_FRAME', 'INVALID_UTF8', 'UNKNOWN_TYPE', 'oversized', 'SET_IDENTITY_ok', 'SET_IDENTITY_refused'])
+      for (const k of ['ok', 'BAD_FRAME', 'INVALID_UTF8', 'UNKNOWN_TYPE', 'oversized', 'SET_IDENTITY_ok', 'SET_IDENTITY_refused', 'EXEC_USER_ok', 'EXEC_USER_refused'])
         assert.ok((s.get(k) ?? 0) > 0, `no '${k}' outcome in ${r.stdout}`);
     });
   }

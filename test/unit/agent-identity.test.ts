@@ -177,7 +177,7 @@ describe('agent: SET_IDENTITY and protocol versions (host-side)', function () {
   it('the client refuses setIdentity on a version-1 connection before sending', async () => {
     const client = await agent.connect();
     try {
-      assert.equal(client.hello?.version, 2);
+      assert.equal(client.hello?.version, 3);
       // Pretend the agent were an old build: the client checks the agreed version.
       client.hello = { ...client.hello!, version: 1 };
       await assert.rejects(client.setIdentity(), /UNSUPPORTED: SET_IDENTITY needs protocol version 2; .* agreed on version 1/);

@@ -110,16 +110,16 @@ describe('agent: hostile frames (host-side)', function () {
     assert.equal(f.type, MsgType.Error);
     assert.equal(f.id, 9);
     assert.equal(errorCode(f.payload), 'NO_HELLO');
-    raw.socket.write(encodeFrame(MsgType.Hello, 10, new PayloadWriter().u32(3).u32(4).str('future-host').build()));
+    raw.socket.write(encodeFrame(MsgType.Hello, 10, new PayloadWriter().u32(4).u32(5).str('future-host').build()));
     f = await raw.next();
     assert.equal(errorCode(f.payload), 'VERSION_UNSUPPORTED');
     const refusal = new PayloadReader(f.payload, 'ERROR');
     refusal.u32('code');
-    assert.match(refusal.str('message'), /speaks protocol versions 1\.\.2; the host offered 3\.\.4/);
-    raw.socket.write(encodeFrame(MsgType.Hello, 11, new PayloadWriter().u32(1).u32(5).str('host').build()));
+    assert.match(refusal.str('message'), /speaks protocol versions 1\.\.3; the host offered 4\.\.5/);
+    raw.socket.write(encodeFrame(MsgType.Hello, 11, new PayloadWriter().u32(1).u32(6).str('host').build()));
     f = await raw.next();
     assert.equal(f.type, MsgType.HelloOk);
-    assert.equal(f.payload.readUInt32LE(0), 2, 'the highest version both speak');
+    assert.equal(f.payload.readUInt32LE(0), 3, 'the highest version both speak');
     raw.socket.destroy();
   });
 

@@ -71,7 +71,11 @@ describe('vmlet run: command line', () => {
     ['--memory', '1e3', /--memory '1e3' is not a whole number/],
     ['--env', 'NOVALUE', /--env 'NOVALUE' is not KEY=VALUE/],
     ['--workdir', 'relative/dir', /--workdir 'relative\/dir' must be an absolute path/],
-    ['--user', 'nobody', /--user 'nobody': only numeric uid\[:gid\] \(or root\).*UNIMPLEMENTED/],
+    ['--user', 'a:b:c', /--user 'a:b:c' has more than one ':'; give user, uid, user:group, uid:gid, user:gid or uid:group/],
+    ['--user', '4294967295', /--user '4294967295': ids must be below 4294967295/],
+    ['--user', 'app:99999999999', /--user 'app:99999999999': ids must be below 4294967295/],
+    ['--user', 'x'.repeat(257), /--user is 257 bytes long; at most 256/],
+    ['--user', 'é'.repeat(129), /--user is 258 bytes long; at most 256/],
   ] as const) {
     it(`refuses ${flag} ${value} with usage exit 2 and says why`, async () => {
       const r = await cli(['run', flag, value, 'r.sqfs', '--', 'true']);
@@ -87,11 +91,15 @@ describe('vmlet run: command line', () => {
     assert.match(r.err, /run needs a rootfs: a squashfs file, a directory or an image reference/);
   });
 
-  it('reads users as uid[:gid] or root', () => {
-    assert.deepEqual(parseUser('1000', 'x'), { uid: 1000, gid: 1000 });
-    assert.deepEqual(parseUser('1000:5', 'x'), { uid: 1000, gid: 5 });
-    assert.deepEqual(parseUser('root', 'x'), { uid: 0, gid: 0 });
-    assert.throws(() => parseUser('app:app', 'image User'), (e: Error) => e instanceof UsageError && /image User 'app:app'/.test(e.message));
+  it('passes every user form through to the agent unchanged (names are resolved in the guest)', () => {
+    for (const u of ['nginx', '1000', 'app:staff', '1000:50', 'app:50', '1000:staff', 'root', '', 'nginx:'])
+      assert.equal(parseUser(u, 'x'), u);
+    assert.equal(parseRunArgs({ user: 'app:staff' }, ['r', 'true']).user, 'app:staff');
+  });
+
+  it('names where a bad user came from (flag or image User) in the usage error', () => {
+    assert.throws(() => parseUser('app:staff:x', "image 'x:1''s User"), (e: Error) => e instanceof UsageError && /image 'x:1''s User 'app:staff:x' has more than one ':'/.test(e.message));
+    assert.throws(() => parseUser('app\0x', '--user'), (e: Error) => e instanceof UsageError && /--user "app\\u0000x" contains a NUL or newline/.test(e.message));
   });
 });
 

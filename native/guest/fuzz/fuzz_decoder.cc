@@ -13,6 +13,7 @@
 
 #include "fuzz/seeds.h"
 #include "protocol.h"
+#include "userdb.h"
 
 using namespace vmlet::agent;
 
@@ -92,7 +93,7 @@ bool StringsValid(const HostMessage& m) {
   for (const auto& e : m.exec.env) if (!ok(e)) return false;
   for (const auto& l : m.mount.layers) if (!ok(l)) return false;
   return ok(m.exec.cwd) && ok(m.exec.rootfs) && ok(m.exec.hostname) && ok(m.hello.client) && ok(m.mount.name) &&
-         ok(m.mount.upper) && ok(m.identity.hostname);
+         ok(m.mount.upper) && ok(m.identity.hostname) && ok(m.exec.user);
 }
 
 }  // namespace
@@ -156,15 +157,35 @@ int main(int argc, char** argv) {
           // Per-type tallies for message types added after version 1, so the
           // test can tell their decoder was reached both ways, not just the
           // old types'.
+          {
+            // The passwd/group line parsers read image files an attacker may
+            // have written: run them over the same hostile bytes under ASan.
+            std::string_view bytes(reinterpret_cast<const char*>(dec.payload().data()), dec.payload().size());
+            PasswdEntry pe;
+            GroupEntry ge;
+            if (ParsePasswdLine(bytes, &pe) && pe.name.empty()) Fail(seed, it, "passwd line parsed with an empty name");
+            if (ParseGroupLine(bytes, &ge)) GroupListsMember(ge.members, ge.name);
+          }
           bool identity = dec.header().type == static_cast<uint16_t>(MsgType::SetIdentity);
+          // EXEC with the version-3 user flag: its trailing field is decoded.
+          bool exec_user = dec.header().type == static_cast<uint16_t>(MsgType::Exec) && dec.payload().size() >= 4 &&
+                           (dec.payload()[0] & kExecUser);
           if (DecodeHostMessage(dec.header(), dec.payload().data(), dec.payload().size(), &m, &err)) {
             if (!StringsValid(m)) Fail(seed, it, "decoded a string that is not valid UTF-8");
             outcomes["ok"]++;
             if (identity) outcomes["SET_IDENTITY_ok"]++;
+            if (exec_user) {
+              outcomes["EXEC_USER_ok"]++;
+              // The user string then goes to the spec parser as the agent does.
+              UserSpec spec;
+              std::string why;
+              if (!ParseUserSpec(m.exec.user, &spec, &why) && why.empty()) Fail(seed, it, "user spec refused without a message");
+            }
           } else {
             if (identity) outcomes["SET_IDENTITY_refused"]++;
+            if (exec_user) outcomes["EXEC_USER_refused"]++;
             if (err.message.empty()) Fail(seed, it, "decode error without a message");
-            if (static_cast<uint32_t>(err.code) < 1 || static_cast<uint32_t>(err.code) > 14)
+            if (static_cast<uint32_t>(err.code) < 1 || static_cast<uint32_t>(err.code) > 15)
               Fail(seed, it, "decode error with an unknown code");
             outcomes[ErrorCodeName(err.code)]++;
           }

@@ -45,6 +45,26 @@ inline std::vector<std::vector<uint8_t>> SeedFrames() {
     frame(MsgType::Exec, 2, w);
   }
   {
+    // Version 3: uid, gid and groups come from the user string.
+    PayloadWriter w;
+    w.U32(kExecUser);
+    w.U32(1);
+    w.Str("id");
+    w.U32(1);
+    w.Str("PATH=/bin");
+    w.Str("");
+    w.Str("rootfs");
+    w.Str("");
+    w.U32(0);
+    w.U32(0);
+    w.U32(0);
+    w.U32(0);
+    w.U16(0);
+    w.U16(0);
+    w.Str("nginx:staff");
+    frame(MsgType::Exec, 4, w);
+  }
+  {
     PayloadWriter w;
     w.Str("rootfs");
     w.U32(2);

@@ -13,6 +13,7 @@ import { Command, CommandContext, OptionValues, UsageError, stringOpt } from '..
 import { convertLayer, ImageError as LayerError } from '../../../native/ts/layer';
 import { VmmError } from '../../../native/ts/vmm';
 import { AgentError, AgentProcess, ExecOptions, shellExitCode } from '../../agent/client';
+import { MAX_USER_SPEC } from '../../agent/protocol';
 import { ImageError } from '../../images/errors';
 import { ImageService } from '../../images/image-service';
 import type { RuntimeConfig } from '../../images/image-store';
@@ -70,18 +71,23 @@ export function parseRunArgs(values: OptionValues, positionals: string[]): RunRe
   };
 }
 
-/** `uid[:gid]` or `root`; names need the image's /etc/passwd, which is not read yet. */
-export function parseUser(text: string, from: string): { uid: number; gid: number } {
-  if (text === '' || text === 'root') return { uid: 0, gid: 0 };
-  const m = /^(\d+)(?::(\d+))?$/.exec(text);
-  if (!m) {
-    throw new UsageError(`${from} '${text}': only numeric uid[:gid] (or root) is supported; ` +
-      'UNIMPLEMENTED: resolving user and group names through the image\'s /etc/passwd');
-  }
-  const uid = Number(m[1]);
-  const gid = m[2] !== undefined ? Number(m[2]) : uid;
-  if (uid > 0xffffffff || gid > 0xffffffff) throw new UsageError(`${from} '${text}': ids must be below 2^32`);
-  return { uid, gid };
+/**
+ * Checks the form of a user string (`user`, `uid`, `user:group`, `uid:gid`,
+ * `user:gid`, `uid:group`) and returns it for the agent, which resolves names
+ * in the container's own /etc/passwd and /etc/group (they live in the guest).
+ * Numbers go there too: like runc, a bare uid takes its gid, HOME and
+ * supplementary groups from passwd when the image has an entry for it.
+ */
+export function parseUser(text: string, from: string): string {
+  const forms = 'give user, uid, user:group, uid:gid, user:gid or uid:group';
+  const bytes = Buffer.byteLength(text);
+  if (bytes > MAX_USER_SPEC) throw new UsageError(`${from} is ${bytes} bytes long; at most ${MAX_USER_SPEC} (user[:group])`);
+  if (text.includes('\0') || text.includes('\n')) throw new UsageError(`${from} ${JSON.stringify(text)} contains a NUL or newline; ${forms}`);
+  const parts = text.split(':');
+  if (parts.length > 2) throw new UsageError(`${from} '${text}' has more than one ':'; ${forms}`);
+  for (const p of parts)
+    if (/^\d+$/.test(p) && Number(p) >= 0xffffffff) throw new UsageError(`${from} '${text}': ids must be below 4294967295`);
+  return text;
 }
 
 /** Later entries win, as `docker run -e` over the image's Env. */
@@ -177,14 +183,14 @@ function processSpec(req: RunRequest, rootfs: ResolvedRootfs): Omit<ExecOptions,
   }
   const base = config?.env ?? [];
   const env = mergeEnv([DEFAULT_PATH], base, req.tty ? ['TERM=xterm'] : [], req.env);
-  const user = req.user ?? config?.user;
-  const ids = user ? parseUser(user, req.user !== undefined ? '--user' : `${rootfs.describe}'s User`) : { uid: 0, gid: 0 };
+  // An empty user is Docker's default (uid 0); the agent still reads
+  // passwd/group for it, so root gets its HOME and groups as under Docker.
+  const user = req.user ?? config?.user ?? '';
   return {
     args,
     env,
     cwd: req.workdir ?? (config?.workingDir || '/'),
-    uid: ids.uid,
-    gid: ids.gid,
+    user: parseUser(user, req.user !== undefined ? '--user' : `${rootfs.describe}'s User`),
   };
 }
 
@@ -213,7 +219,9 @@ export const run: Command = {
     '-i, --interactive forward stdin to the process (without it the process reads EOF)',
     '-e, --env K=V     set an environment variable (repeatable; wins over the image\'s Env)',
     '-w, --workdir D   working directory inside the rootfs (default the image\'s, else /)',
-    '-u, --user U      uid[:gid] or root (default the image\'s User, else root)',
+    '-u, --user U      user, uid, user:group, uid:gid, user:gid or uid:group, looked up in the',
+    '                  rootfs\'s /etc/passwd and /etc/group as Docker does (default the image\'s User,',
+    '                  else uid 0); HOME comes from passwd unless set with -e',
     '--stats           after the run, print boot timings and VM exits by reason to stderr',
     '--force-kvm       skip the check that /dev/kvm can run a Linux guest (also VMLET_FORCE_KVM=1)',
     '',
