@@ -14,7 +14,7 @@
 // template saw. One template per (image, cpus, memory); templateLauncher()
 // plugs this into Sandbox (a VmLauncher).
 import { randomBytes, createHash } from 'node:crypto';
-import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, statSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { addonPath } from '../../native/ts/addon';
@@ -66,15 +66,47 @@ export const DEFAULT_RESTORE_TIMEOUT_MS = 20_000;
 
 const fileHashes = new Map<string, string>();
 
+/** Name of the on-disk hash cache inside a template root (TemplateStore ignores dot entries it does not own). */
+export const FILE_HASH_CACHE = '.file-hashes';
+
 /**
- * SHA-256 of a file's bytes. Memoised per (path, device, inode, size, mtime):
- * a kernel is tens of MiB and every acquire() needs the key.
+ * A file changed less than this long ago is not cached on disk: a rewrite of
+ * the same size within one timestamp tick would keep its (mtime, ctime), so
+ * the cache could name bytes the file no longer holds (git's "racy" entries).
  */
-export function sha256File(path: string): string {
+const RACY_NS = 2_000_000_000n;
+
+/** The on-disk cache entry of a file's current version: every stat field a rewrite changes. */
+function hashCacheEntry(cacheDir: string, path: string): { file: string; id: string; changedNs: bigint } {
+  const st = statSync(path, { bigint: true });
+  const id = `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeNs}\0${st.ctimeNs}`;
+  return { file: join(cacheDir, createHash('sha256').update(id).digest('hex').slice(0, 40)), id, changedNs: st.ctimeNs > st.mtimeNs ? st.ctimeNs : st.mtimeNs };
+}
+
+/**
+ * SHA-256 of a file's bytes. Memoised per (path, device, inode, size, mtime)
+ * in this process, and, given a cacheDir, on disk across processes: the key
+ * needs the kernel (tens of MiB), the addon and every image layer, and every
+ * `vmlet run` is a new process; in the lab (TCG) hashing them took longer than
+ * the restore itself.
+ */
+export function sha256File(path: string, cacheDir?: string): string {
   const st = statSync(path);
   const memo = `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeMs}`;
   const known = fileHashes.get(memo);
   if (known) return known;
+  const entry = cacheDir ? hashCacheEntry(cacheDir, path) : undefined;
+  if (entry) {
+    try {
+      const cached = JSON.parse(readFileSync(entry.file, 'utf8')) as { id?: string; sha256?: string };
+      if (cached.id === entry.id && typeof cached.sha256 === 'string' && /^[0-9a-f]{64}$/.test(cached.sha256)) {
+        fileHashes.set(memo, cached.sha256);
+        return cached.sha256;
+      }
+    } catch {
+      // Absent or torn: hash the file.
+    }
+  }
   const h = createHash('sha256');
   const fd = openSync(path, 'r');
   try {
@@ -89,7 +121,49 @@ export function sha256File(path: string): string {
   }
   const digest = h.digest('hex');
   fileHashes.set(memo, digest);
+  if (entry && BigInt(Date.now()) * 1_000_000n - entry.changedNs > RACY_NS) {
+    try {
+      mkdirSync(cacheDir as string, { recursive: true, mode: 0o700 });
+      // Written aside and renamed: a reader never sees half an entry.
+      const tmp = `${entry.file}.${process.pid}.tmp`;
+      writeFileSync(tmp, JSON.stringify({ id: entry.id, sha256: digest }));
+      renameSync(tmp, entry.file);
+    } catch (e) {
+      templateLog.debug(`cannot cache the hash of ${path} in ${cacheDir}: ${(e as Error).message}`);
+    }
+  }
   return digest;
+}
+
+/**
+ * Drops the on-disk hash entries of files that changed or are gone (a
+ * directory rootfs is converted to a new temporary image on every run).
+ * Returns how many were removed.
+ */
+export function pruneFileHashes(cacheDir: string): number {
+  let names: string[];
+  try {
+    names = readdirSync(cacheDir);
+  } catch {
+    return 0;
+  }
+  let removed = 0;
+  for (const n of names) {
+    const file = join(cacheDir, n);
+    let stale = true;
+    try {
+      const { id } = JSON.parse(readFileSync(file, 'utf8')) as { id: string };
+      const path = id.split('\0')[0];
+      stale = hashCacheEntry(cacheDir, path).file !== file;
+    } catch {
+      // Unreadable, or its file is gone: stale.
+    }
+    if (stale) {
+      rmSync(file, { force: true });
+      removed++;
+    }
+  }
+  return removed;
 }
 
 /**
@@ -111,19 +185,20 @@ export function hostCpuFingerprint(cpuinfo = readFileSync('/proc/cpuinfo', 'utf8
 }
 
 /** The inputs a template is keyed by; the files by content. */
-export function templateInputs(spec: TemplateSpec): TemplateInputs {
+export function templateInputs(spec: TemplateSpec, hashCache?: string): TemplateInputs {
+  const sha256 = (path: string) => sha256File(path, hashCache);
   return {
     layout: TEMPLATE_LAYOUT,
-    kernel: sha256File(spec.kernel),
-    initrd: sha256File(spec.initrd),
+    kernel: sha256(spec.kernel),
+    initrd: sha256(spec.initrd),
     cpus: spec.cpus,
     memoryMiB: spec.memoryMiB,
     cmdline: spec.cmdline,
     // The snapshot format and the device state layout are the addon's: a new
     // build may read old snapshots, but nothing says so, so it gets new ones.
-    vmm: sha256File(addonPath),
+    vmm: sha256(addonPath),
     cpu: hostCpuFingerprint(),
-    disks: (spec.disks ?? []).map((d) => sha256File(d)).join(','),
+    disks: (spec.disks ?? []).map(sha256).join(','),
   };
 }
 
@@ -198,14 +273,19 @@ export class TemplatePool {
       throw new TemplateError('BAD_POOL_OPTIONS', `warm is ${String(opts.warm)}: keep 0 to 64 clones warm`);
   }
 
+  /** The template's inputs now, the files' hashes cached beside the templates. */
+  private inputs(): TemplateInputs {
+    return templateInputs(this.spec, join(this.store.root, FILE_HASH_CACHE));
+  }
+
   /** The key of this pool's template, from the current inputs (files hashed, memoised). */
   key(): string {
-    return templateKey(templateInputs(this.spec));
+    return templateKey(this.inputs());
   }
 
   /** The template, made now (a cold boot + snapshot) if the store has none for the current inputs. */
   template(): Promise<Template> {
-    const inputs = templateInputs(this.spec);
+    const inputs = this.inputs();
     return this.store.ensure(templateKey(inputs), inputs, (dir) => this.make(dir));
   }
 
@@ -265,7 +345,7 @@ export class TemplatePool {
   }
 
   private async prepareFromStore(stateDir?: string, signal?: AbortSignal): Promise<PreparedClone> {
-    const inputs = templateInputs(this.spec);
+    const inputs = this.inputs();
     let madeMs: number | undefined;
     const make = async (dir: string): Promise<Record<string, unknown>> => {
       const t0 = Date.now();

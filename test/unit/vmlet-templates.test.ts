@@ -5,7 +5,7 @@
 // template cannot be used. Restoring real templates: test/lab/vmlet-run-restore.
 import { strict as assert } from 'node:assert';
 import { spawn, spawnSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -13,7 +13,8 @@ import { main } from '../../shim/cli/vmlet';
 import { parsePruneArgs } from '../../shim/cli/commands/templates';
 import { UsageError } from '../../shim/cli/command';
 import { Template, TemplateError, TemplateStore, templateLog } from '../../shim/sandbox/template-store';
-import { templateFailureReason, templateLauncher } from '../../shim/sandbox/template-pool';
+import { pruneFileHashes, sha256File, templateFailureReason, templateLauncher } from '../../shim/sandbox/template-pool';
+import { createHash } from 'node:crypto';
 import { LaunchedVm, SandboxError, SandboxSpec, VmLauncher } from '../../shim/sandbox/sandbox';
 import { AgentError } from '../../shim/agent/client';
 import { KvmError, SnapshotError } from '../../native/ts/vmm';
@@ -254,6 +255,40 @@ describe('vmlet templates', function () {
     assert.equal(parsePruneArgs({ 'older-than': '0.5' }, now).unusedSinceMs, now - DAY_MS / 2);
     assert.deepEqual(parsePruneArgs({ all: true }, now), { all: true, unusedSinceMs: now });
     assert.throws(() => parsePruneArgs({}, now), UsageError);
+  });
+});
+
+describe('template keys: file hashes cached on disk across processes', function () {
+  this.timeout(20_000);
+  let work: string;
+  before(() => (work = mkdtempSync(join(tmpdir(), 'vmlet-hash-cache-'))));
+  after(() => rmSync(work, { recursive: true, force: true }));
+
+  /** sha256File in a fresh process: no in-process memo, only the disk cache. */
+  const inChild = (file: string, cache: string): string =>
+    spawnSync(process.execPath, ['-e', `process.stdout.write(require(${JSON.stringify(join(__dirname, '..', '..', 'shim', 'sandbox', 'template-pool.js'))}).sha256File(${JSON.stringify(file)}, ${JSON.stringify(cache)}))`], { encoding: 'utf8' }).stdout;
+  const sha = (text: string) => createHash('sha256').update(text).digest('hex');
+
+  it('a settled file\'s hash is read back by the next process; a rewrite (same size) is hashed anew; prune drops the stale entry', async () => {
+    const file = join(work, 'layer.sqfs');
+    const cache = join(work, 'cache');
+    writeFileSync(file, 'layer one');
+    // Files changed in the last 2 s are never cached (a same-size rewrite in one timestamp tick would go unseen).
+    assert.equal(sha256File(file, cache), sha('layer one'));
+    assert.ok(!existsSync(cache), 'a file changed just now is not cached');
+    await new Promise((r) => setTimeout(r, 2100));
+    assert.equal(inChild(file, cache), sha('layer one'));
+    const [entry] = readdirSync(cache);
+    assert.ok(entry, 'cached once settled');
+    // Proof that a new process reads the cache rather than the file: a planted value comes back.
+    const path = join(cache, entry);
+    const planted = JSON.parse(readFileSync(path, 'utf8')) as { id: string; sha256: string };
+    writeFileSync(path, JSON.stringify({ ...planted, sha256: 'f'.repeat(64) }));
+    assert.equal(inChild(file, cache), 'f'.repeat(64));
+    writeFileSync(file, 'layer two');
+    assert.equal(inChild(file, cache), sha('layer two'), 'the rewrite changes ctime: the old entry does not match');
+    assert.equal(pruneFileHashes(cache), 1);
+    assert.deepEqual(readdirSync(cache), []);
   });
 });
 

@@ -3,6 +3,9 @@
 // MiB) and nothing else removes them: a changed image, --cpus or --memory, or
 // a new kernel/agent/vmlet build leaves the old one behind.
 import { Command, humanBytes, OptionValues, stringOpt, UsageError } from '../command';
+import { rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { FILE_HASH_CACHE, pruneFileHashes } from '../../sandbox/template-pool';
 import { TemplateEntry, TemplateStore } from '../../sandbox/template-store';
 import { templateRoot } from './run';
 
@@ -90,6 +93,10 @@ export const templates: Command = {
           ctx.stdout.write(`kept ${t.key}: another process is making it now\n`);
         }
       }
+      // The hashes of the files templates were keyed by: all of them with --all, else those of files that changed.
+      const hashes = join(store.root, FILE_HASH_CACHE);
+      if (req.all) rmSync(hashes, { recursive: true, force: true });
+      else pruneFileHashes(hashes);
       ctx.stdout.write(`removed ${removed} template(s), ${humanBytes(freed)} freed\n`);
       return 0;
     }
