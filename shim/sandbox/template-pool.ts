@@ -54,11 +54,12 @@ export function isSnapshotCorrupt(e: unknown): boolean {
 
 /**
  * What makes the pool discard a template and make it anew (once): a snapshot
- * the VMM refuses, or a clone that dies before its agent answers (a template
- * that restores into a dead guest is no template; a booted one may not be).
+ * the VMM refuses, or a clone that dies or stays silent before its agent
+ * answers (restore → agent is ~0.3 s even in the lab, the bound 20 s: a
+ * template that restores into a dead or deaf guest is no template).
  */
 export function isTemplateUnusable(e: unknown): boolean {
-  return isSnapshotCorrupt(e) || (e instanceof SandboxError && e.code === 'GUEST_DIED');
+  return isSnapshotCorrupt(e) || (e instanceof SandboxError && (e.code === 'GUEST_DIED' || e.code === 'AGENT_TIMEOUT'));
 }
 
 /** Default bound on restore → agent answering: ~0.3 s in the lab, so far beyond it the clone is broken, not slow. */

@@ -13,7 +13,7 @@ import { main } from '../../shim/cli/vmlet';
 import { parsePruneArgs } from '../../shim/cli/commands/templates';
 import { UsageError } from '../../shim/cli/command';
 import { Template, TemplateError, TemplateStore, templateLog } from '../../shim/sandbox/template-store';
-import { pruneFileHashes, sha256File, templateFailureReason, templateLauncher } from '../../shim/sandbox/template-pool';
+import { isTemplateUnusable, pruneFileHashes, sha256File, templateFailureReason, templateLauncher } from '../../shim/sandbox/template-pool';
 import { createHash } from 'node:crypto';
 import { LaunchedVm, SandboxError, SandboxSpec, VmLauncher } from '../../shim/sandbox/sandbox';
 import { AgentError } from '../../shim/agent/client';
@@ -362,5 +362,13 @@ describe('vmlet run: when a template cannot be used', function () {
     assert.equal(templateFailureReason(new SandboxError('ABORTED', 'interrupted')), null);
     assert.equal(templateFailureReason(new SandboxError('NO_GUEST_KERNEL', 'not built')), null);
     assert.equal(templateFailureReason(new TypeError('a bug')), null);
+  });
+
+  it('which failures of a restore make the template anew first: a refused snapshot, a clone that dies or never answers', () => {
+    assert.equal(isTemplateUnusable(new SnapshotError('bad CRC')), true);
+    assert.equal(isTemplateUnusable(new SandboxError('GUEST_DIED', 'triple fault')), true);
+    assert.equal(isTemplateUnusable(new SandboxError('AGENT_TIMEOUT', 'no answer')), true);
+    assert.equal(isTemplateUnusable(new SandboxError('ABORTED', 'interrupted')), false);
+    assert.equal(isTemplateUnusable(new KvmError('KVM_CREATE_VM: ENOMEM')), false, 'the host, not the template');
   });
 });
