@@ -453,6 +453,8 @@ export class TemplatePool {
       return { launched, client, template, stateDir, restoreNs, agentReadyNs: process.hrtime.bigint() };
     } catch (e) {
       if (vm) await vm.kill();
+      // The store logs the message; what the guest printed is only here, and the state dir goes next.
+      if (e instanceof SandboxError && e.serialTail) templateLog.warn(`a clone of template ${template.key} failed (${e.code}); its serial log ends:\n${e.serialTail}`);
       if (givenStateDir === undefined) rmSync(stateDir, { recursive: true, force: true });
       throw e;
     }
@@ -544,8 +546,12 @@ export function templateLauncher(opts: TemplateLauncherOptions = {}): VmLauncher
         g = await pool.acquire({ stateDir, signal });
       } catch (e) {
         if (signal?.aborted) throw new SandboxError('ABORTED', 'the sandbox start was interrupted while its template was made or restored');
-        // The template's own boot failed the way a cold boot would: booting again is no way out, the guest's reason is.
-        if (e instanceof TemplateError && e.code === 'TEMPLATE_BUILD_FAILED' && e.cause instanceof SandboxError) throw e.cause;
+        // The template's guest died while it booted: a cold boot is the same boot
+        // and would die the same way, so the guest's reason (with its serial
+        // tail) is the answer. An agent that did not answer in time is not
+        // that sure a sign (seen in the lab right after a failed restore, when
+        // a cold boot then worked): that one falls back like any other.
+        if (e instanceof TemplateError && e.code === 'TEMPLATE_BUILD_FAILED' && e.cause instanceof SandboxError && e.cause.code === 'GUEST_DIED') throw e.cause;
         const reason = templateFailureReason(e);
         if (!opts.fallback || reason === null) throw e;
         templateLog.warn(`cannot start this sandbox from a template, booting it instead: ${reason}`);

@@ -141,99 +141,109 @@ describe('vmlet run restores from a template by default (inside hack/kvm-lab)', 
     });
   });
 
-  it('forwards SIGTERM sent to the CLI to the process (exit 143)', async function () {
-    if (!sqfs) this.skip();
-    const run = startCli(args('echo ready; exec sleep 1000'), { env });
-    await run.stdoutMatches(/ready\n/);
-    run.child.kill('SIGTERM');
-    const r = await run.done;
-    assert.equal(r.code, 143, show(r));
+  // Mocha runs a suite's own tests before its child suites: every check here
+  // sits in a describe so they run in the order written (the first run makes the template).
+  describe('signals and the terminal', () => {
+    it('forwards SIGTERM sent to the CLI to the process (exit 143)', async function () {
+      if (!sqfs) this.skip();
+      const run = startCli(args('echo ready; exec sleep 1000'), { env });
+      await run.stdoutMatches(/ready\n/);
+      run.child.kill('SIGTERM');
+      const r = await run.done;
+      assert.equal(r.code, 143, show(r));
+    });
+
+    it('stops the microVM on a second SIGINT when the process ignores the first (exit 130)', async function () {
+      if (!sqfs) this.skip();
+      const run = startCli(args('trap "echo got-int" INT; echo ready; while true; do sleep 1; done'), { env });
+      await run.stdoutMatches(/ready\n/);
+      run.child.kill('SIGINT');
+      await run.stdoutMatches(/got-int\n/);
+      run.child.kill('SIGINT');
+      const r = await run.done;
+      assert.equal(r.code, 130, show(r));
+      assert.match(r.stderr.toString(), /second interrupt: stopping the microVM/);
+    });
+
+    it('gives the process a terminal with -t', async function () {
+      if (!sqfs) this.skip();
+      const r = await runCli(args('-t', 'tty; stty size; echo to-stderr >&2'), { env });
+      assert.equal(r.code, 0, show(r));
+      assert.match(r.stdout.toString(), /^\/dev\/pts\/\d+\r\n24 80\r\nto-stderr\r\n$/, show(r));
+      assert.equal(r.stderr.length, 0, show(r));
+    });
+
   });
 
-  it('stops the microVM on a second SIGINT when the process ignores the first (exit 130)', async function () {
-    if (!sqfs) this.skip();
-    const run = startCli(args('trap "echo got-int" INT; echo ready; while true; do sleep 1; done'), { env });
-    await run.stdoutMatches(/ready\n/);
-    run.child.kill('SIGINT');
-    await run.stdoutMatches(/got-int\n/);
-    run.child.kill('SIGINT');
-    const r = await run.done;
-    assert.equal(r.code, 130, show(r));
-    assert.match(r.stderr.toString(), /second interrupt: stopping the microVM/);
-  });
+  describe('failures and housekeeping', () => {
+    it('reports a panic of the restored guest: exit 125 and its serial log tail', async function () {
+      if (!sqfs) this.skip();
+      // Filling 256 MiB of guest RAM fault by fault takes minutes in the lab: a 16 MiB
+      // memory cgroup runs out at once, and panic_on_oom=2 panics on a cgroup's OOM too.
+      const r = await runCli(args('echo 2 > /proc/sys/vm/panic_on_oom; mkdir -p /tmp/cg && mount -t cgroup2 none /tmp/cg && echo +memory > /tmp/cg/cgroup.subtree_control && ' +
+        'mkdir /tmp/cg/small && echo 16M > /tmp/cg/small/memory.max && echo $$ > /tmp/cg/small/cgroup.procs && dd if=/dev/zero of=/dev/null bs=64M count=1; echo survived'), { env });
+      assert.equal(r.code, 125, show(r));
+      assert.doesNotMatch(r.stdout.toString(), /survived/);
+      assert.match(r.stderr.toString(), /guest serial log \(tail\):[\s\S]*Kernel panic - not syncing: Out of memory/, show(r));
+    });
 
-  it('gives the process a terminal with -t', async function () {
-    if (!sqfs) this.skip();
-    const r = await runCli(args('-t', 'tty; stty size; echo to-stderr >&2'), { env });
-    assert.equal(r.code, 0, show(r));
-    assert.match(r.stdout.toString(), /^\/dev\/pts\/\d+\r\n24 80\r\nto-stderr\r\n$/, show(r));
-    assert.equal(r.stderr.length, 0, show(r));
-  });
+    it('vmlet templates list shows the template with its space on disk', async function () {
+      if (!sqfs) this.skip();
+      const r = await runCli(['templates', 'list'], { env });
+      assert.equal(r.code, 0, show(r));
+      const [key] = templateKeys();
+      const line = r.stdout.toString().split('\n').find((l) => l.startsWith(key));
+      assert.ok(line, show(r));
+      assert.match(line, new RegExp(`^${key}\\s+2\\s+256 MiB\\s+[\\d.]+ MB\\s+.*${sqfs.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`));
+      console.log(`      ${line}`);
+    });
 
-  it('reports a panic of the restored guest: exit 125 and its serial log tail', async function () {
-    if (!sqfs) this.skip();
-    const r = await runCli(args('echo 1 > /proc/sys/vm/overcommit_memory; echo 2 > /proc/sys/vm/panic_on_oom; dd if=/dev/zero of=/dev/null bs=512M count=1; echo survived'), { env });
-    assert.equal(r.code, 125, show(r));
-    assert.doesNotMatch(r.stdout.toString(), /survived/);
-    assert.match(r.stderr.toString(), /guest serial log \(tail\):[\s\S]*Kernel panic - not syncing: Out of memory/, show(r));
-  });
+    it('a corrupt template is made anew, logged, and the run succeeds', async function () {
+      if (!sqfs) this.skip();
+      const [key] = templateKeys();
+      const state = join(templates, key, 'snapshot', 'state');
+      truncateSync(state, Math.floor(statSync(state).size / 2));
+      const r = await runCli(args('--stats', 'echo fine'), { env });
+      assert.equal(r.code, 0, show(r));
+      assert.equal(r.stdout.toString(), 'fine\n');
+      const err = r.stderr.toString();
+      assert.match(err, new RegExp(`template ${key} .* is corrupt, making it again: `), show(r));
+      assert.match(err, new RegExp(`^vmlet run: template ${key} made by this run`, 'm'), show(r));
+    });
 
-  it('vmlet templates list shows the template with its space on disk', async function () {
-    if (!sqfs) this.skip();
-    const r = await runCli(['templates', 'list'], { env });
-    assert.equal(r.code, 0, show(r));
-    const [key] = templateKeys();
-    const line = r.stdout.toString().split('\n').find((l) => l.startsWith(key));
-    assert.ok(line, show(r));
-    assert.match(line, new RegExp(`^${key}\\s+2\\s+256 MiB\\s+[\\d.]+ MB\\s+.*${sqfs.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`));
-    console.log(`      ${line}`);
-  });
+    it('a template root that cannot be used: a cold boot, with the reason on stderr', async function () {
+      if (!sqfs) this.skip();
+      const blocker = join(work, 'not-a-dir');
+      writeFileSync(blocker, '');
+      const r = await runCli(args('--stats', 'echo booted'), { env: { ...env, VMLET_TEMPLATE_DIR: join(blocker, 'templates') } });
+      assert.equal(r.code, 0, show(r));
+      assert.equal(r.stdout.toString(), 'booted\n');
+      const err = r.stderr.toString();
+      assert.match(err, /cannot start this sandbox from a template, booting it instead: BAD_TEMPLATE_ROOT/, show(r));
+      assert.match(err, /^vmlet run: cold boot: /m, show(r));
+      assert.match(err, /^vmlet run: booted because the template could not be used: BAD_TEMPLATE_ROOT/m, show(r));
+    });
 
-  it('a corrupt template is made anew, logged, and the run succeeds', async function () {
-    if (!sqfs) this.skip();
-    const [key] = templateKeys();
-    const state = join(templates, key, 'snapshot', 'state');
-    truncateSync(state, Math.floor(statSync(state).size / 2));
-    const r = await runCli(args('--stats', 'echo fine'), { env });
-    assert.equal(r.code, 0, show(r));
-    assert.equal(r.stdout.toString(), 'fine\n');
-    const err = r.stderr.toString();
-    assert.match(err, new RegExp(`template ${key} .* is corrupt, making it again: `), show(r));
-    assert.match(err, new RegExp(`^vmlet run: template ${key} made by this run`, 'm'), show(r));
-  });
+    it('--cold boots and neither makes nor touches a template', async function () {
+      if (!sqfs) this.skip();
+      const [key] = templateKeys();
+      const used = statSync(join(templates, key)).mtimeMs;
+      const r = await runCli(args('--cold', '--stats', 'echo "NPROC $(nproc)"'), { env });
+      assert.equal(r.code, 0, show(r));
+      assert.equal(r.stdout.toString(), 'NPROC 2\n');
+      assert.match(r.stderr.toString(), /^vmlet run: cold boot: /m, show(r));
+      assert.doesNotMatch(r.stderr.toString(), /template/, show(r));
+      assert.deepEqual(templateKeys(), [key]);
+      assert.equal(statSync(join(templates, key)).mtimeMs, used, 'its last use is unchanged');
+    });
 
-  it('a template root that cannot be used: a cold boot, with the reason on stderr', async function () {
-    if (!sqfs) this.skip();
-    const blocker = join(work, 'not-a-dir');
-    writeFileSync(blocker, '');
-    const r = await runCli(args('--stats', 'echo booted'), { env: { ...env, VMLET_TEMPLATE_DIR: join(blocker, 'templates') } });
-    assert.equal(r.code, 0, show(r));
-    assert.equal(r.stdout.toString(), 'booted\n');
-    const err = r.stderr.toString();
-    assert.match(err, /cannot start this sandbox from a template, booting it instead: BAD_TEMPLATE_ROOT/, show(r));
-    assert.match(err, /^vmlet run: cold boot: /m, show(r));
-    assert.match(err, /^vmlet run: booted because the template could not be used: BAD_TEMPLATE_ROOT/m, show(r));
-  });
-
-  it('--cold boots and neither makes nor touches a template', async function () {
-    if (!sqfs) this.skip();
-    const [key] = templateKeys();
-    const used = statSync(join(templates, key)).mtimeMs;
-    const r = await runCli(args('--cold', '--stats', 'echo "NPROC $(nproc)"'), { env });
-    assert.equal(r.code, 0, show(r));
-    assert.equal(r.stdout.toString(), 'NPROC 2\n');
-    assert.match(r.stderr.toString(), /^vmlet run: cold boot: /m, show(r));
-    assert.doesNotMatch(r.stderr.toString(), /template/, show(r));
-    assert.deepEqual(templateKeys(), [key]);
-    assert.equal(statSync(join(templates, key)).mtimeMs, used, 'its last use is unchanged');
-  });
-
-  it('leaves no temp files behind, and prune --all removes the template', async function () {
-    if (!sqfs) this.skip();
-    assert.deepEqual(runLeftovers(), leftoversBefore);
-    const r = await runCli(['templates', 'prune', '--all'], { env });
-    assert.equal(r.code, 0, show(r));
-    assert.match(r.stdout.toString(), /^removed 1 template\(s\), [\d.]+ MB freed$/m, show(r));
-    assert.deepEqual(readdirSync(templates), []);
+    it('leaves no temp files behind, and prune --all removes the template', async function () {
+      if (!sqfs) this.skip();
+      assert.deepEqual(runLeftovers(), leftoversBefore);
+      const r = await runCli(['templates', 'prune', '--all'], { env });
+      assert.equal(r.code, 0, show(r));
+      assert.match(r.stdout.toString(), /^removed 1 template\(s\), [\d.]+ MB freed$/m, show(r));
+      assert.deepEqual(readdirSync(templates), []);
+    });
   });
 });
