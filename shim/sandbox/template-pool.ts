@@ -452,9 +452,14 @@ export class TemplatePool {
       const client = await waitForAgent(launched, this.restoreTimeoutMs, signal);
       return { launched, client, template, stateDir, restoreNs, agentReadyNs: process.hrtime.bigint() };
     } catch (e) {
+      // The store logs the message; whether the guest got its vsock reset and
+      // what it printed are only here, and the VM and state dir go next.
+      if (e instanceof SandboxError && vm) {
+        const reset = vm.stats().vsockResetSent;
+        templateLog.warn(`a clone of template ${template.key} failed (${e.code}); vsock transport reset ${reset === undefined ? 'unknown' : reset ? 'sent' : 'NOT sent'}` +
+          `${e.serialTail ? `; its serial log ends:\n${e.serialTail}` : '; its serial log is empty'}`);
+      }
       if (vm) await vm.kill();
-      // The store logs the message; what the guest printed is only here, and the state dir goes next.
-      if (e instanceof SandboxError && e.serialTail) templateLog.warn(`a clone of template ${template.key} failed (${e.code}); its serial log ends:\n${e.serialTail}`);
       if (givenStateDir === undefined) rmSync(stateDir, { recursive: true, force: true });
       throw e;
     }
