@@ -1,9 +1,9 @@
 // A Sandbox is one microVM running vmlet-agent with a container rootfs stacked
 // from squashfs layers: the unit `vmlet run`, the containerd shim and the CRI
-// server all stand on. How the VM comes to exist is a VmLauncher: today a cold
-// boot of the guest kernel; the template pool (issue 7) will hand over a VM
-// restored from a snapshot through the same seam, and everything after
-// launch() (agent wait, rootfs, exec, stop) stays the same.
+// server all stand on. How the VM comes to exist is a VmLauncher: a cold boot
+// of the guest kernel (coldBoot), or a restore from the template pool
+// (template-pool.ts templateLauncher); everything after launch() (agent wait,
+// rootfs, exec, stop) is the same code for both.
 import { closeSync, mkdtempSync, openSync, readSync, rmSync, statSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -44,8 +44,32 @@ export interface LaunchedVm {
   serialLog: string;
   /** Guest device of each spec layer, in spec order (e.g. /dev/vda). */
   layerDevices: string[];
-  /** For reports: 'cold boot', later 'template restore'. */
+  /** For reports: 'cold boot' or 'template restore'. */
   origin: string;
+  /** How the launcher got there, for --stats and logs. */
+  report?: LaunchReport;
+}
+
+export interface LaunchReport {
+  /** A restored VM: its template and the phases of the restore. */
+  template?: {
+    key: string;
+    /** Set when this launch made the template first (boot + snapshot), in ms. */
+    madeMs?: number;
+    /** Vm.restore called → the agent answered HELLO. */
+    restoreToAgentMs: number;
+    /** Vm.restore called → first vCPU entry: the VMM's own part. */
+    hostRestoreMs?: number;
+    /** SET_IDENTITY's round trip (RNG reseed, clock, hostname). */
+    identityMs: number;
+  };
+  /** A booted VM that a template should have given: why the template could not be used. */
+  fallbackReason?: string;
+}
+
+export interface LaunchOptions {
+  /** Aborts a launch in progress (Ctrl-C during boot); the launcher then throws SandboxError ABORTED. */
+  signal?: AbortSignal;
 }
 
 /**
@@ -55,7 +79,7 @@ export interface LaunchedVm {
  */
 export interface VmLauncher {
   readonly name: string;
-  launch(spec: SandboxSpec, stateDir: string): Promise<LaunchedVm>;
+  launch(spec: SandboxSpec, stateDir: string, opts?: LaunchOptions): Promise<LaunchedVm>;
 }
 
 /** virtio-blk names in probe order: vda..vdz, vdaa... (the kernel's sd_format_disk_name scheme). */
@@ -218,7 +242,7 @@ export class Sandbox {
     let launched: LaunchedVm | undefined;
     let client: AgentClient | undefined;
     try {
-      launched = await launcher.launch(spec, stateDir);
+      launched = await launcher.launch(spec, stateDir, { signal: opts.signal });
       timings.launchedMs = Date.now();
       const timeout = spec.agentTimeoutMs ?? (Number(process.env.VMLET_AGENT_TIMEOUT_MS) || 60_000);
       client = await waitForAgent(launched, timeout, opts.signal);

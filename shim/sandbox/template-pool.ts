@@ -14,14 +14,14 @@
 // template saw. One template per (image, cpus, memory); templateLauncher()
 // plugs this into Sandbox (a VmLauncher).
 import { randomBytes, createHash } from 'node:crypto';
-import { closeSync, mkdtempSync, openSync, readFileSync, readSync, rmSync, statSync } from 'node:fs';
+import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { addonPath } from '../../native/ts/addon';
-import { SnapshotError, Vm, VmConfig } from '../../native/ts/vmm';
-import { AgentClient, IdentityResult } from '../agent/client';
+import { SnapshotError, Vm, VmConfig, VmmError } from '../../native/ts/vmm';
+import { AgentClient, AgentError, IdentityResult } from '../agent/client';
 import { agentInitramfs, guestCmdline, requireGuestKernel } from './guest';
-import { LaunchedVm, SandboxSpec, virtioBlkDevice, VmLauncher, waitForAgent } from './sandbox';
+import { LaunchedVm, LaunchOptions, SandboxError, SandboxSpec, virtioBlkDevice, VmLauncher, waitForAgent } from './sandbox';
 import { Template, TemplateError, TemplateInputs, TemplateStore, templateKey, templateLog } from './template-store';
 
 /**
@@ -52,17 +52,62 @@ export function isSnapshotCorrupt(e: unknown): boolean {
   return e instanceof SnapshotError;
 }
 
+/**
+ * What makes the pool discard a template and make it anew (once): a snapshot
+ * the VMM refuses, or a clone that dies or stays silent before its agent
+ * answers (restore → agent is ~0.3 s even in the lab, the bound 20 s: a
+ * template that restores into a dead or deaf guest is no template).
+ */
+export function isTemplateUnusable(e: unknown): boolean {
+  return isSnapshotCorrupt(e) || (e instanceof SandboxError && (e.code === 'GUEST_DIED' || e.code === 'AGENT_TIMEOUT'));
+}
+
+/** Default bound on restore → agent answering: ~0.3 s in the lab, so far beyond it the clone is broken, not slow. */
+export const DEFAULT_RESTORE_TIMEOUT_MS = 20_000;
+
 const fileHashes = new Map<string, string>();
 
+/** Name of the on-disk hash cache inside a template root (TemplateStore ignores dot entries it does not own). */
+export const FILE_HASH_CACHE = '.file-hashes';
+
 /**
- * SHA-256 of a file's bytes. Memoised per (path, device, inode, size, mtime):
- * a kernel is tens of MiB and every acquire() needs the key.
+ * A file changed less than this long ago is not cached on disk: a rewrite of
+ * the same size within one timestamp tick would keep its (mtime, ctime), so
+ * the cache could name bytes the file no longer holds (git's "racy" entries).
  */
-export function sha256File(path: string): string {
+const RACY_NS = 2_000_000_000n;
+
+/** The on-disk cache entry of a file's current version: every stat field a rewrite changes. */
+function hashCacheEntry(cacheDir: string, path: string): { file: string; id: string; changedNs: bigint } {
+  const st = statSync(path, { bigint: true });
+  const id = `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeNs}\0${st.ctimeNs}`;
+  return { file: join(cacheDir, createHash('sha256').update(id).digest('hex').slice(0, 40)), id, changedNs: st.ctimeNs > st.mtimeNs ? st.ctimeNs : st.mtimeNs };
+}
+
+/**
+ * SHA-256 of a file's bytes. Memoised per (path, device, inode, size, mtime)
+ * in this process, and, given a cacheDir, on disk across processes: the key
+ * needs the kernel (tens of MiB), the addon and every image layer, and every
+ * `vmlet run` is a new process; in the lab (TCG) hashing them took longer than
+ * the restore itself.
+ */
+export function sha256File(path: string, cacheDir?: string): string {
   const st = statSync(path);
   const memo = `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeMs}`;
   const known = fileHashes.get(memo);
   if (known) return known;
+  const entry = cacheDir ? hashCacheEntry(cacheDir, path) : undefined;
+  if (entry) {
+    try {
+      const cached = JSON.parse(readFileSync(entry.file, 'utf8')) as { id?: string; sha256?: string };
+      if (cached.id === entry.id && typeof cached.sha256 === 'string' && /^[0-9a-f]{64}$/.test(cached.sha256)) {
+        fileHashes.set(memo, cached.sha256);
+        return cached.sha256;
+      }
+    } catch {
+      // Absent or torn: hash the file.
+    }
+  }
   const h = createHash('sha256');
   const fd = openSync(path, 'r');
   try {
@@ -77,7 +122,49 @@ export function sha256File(path: string): string {
   }
   const digest = h.digest('hex');
   fileHashes.set(memo, digest);
+  if (entry && BigInt(Date.now()) * 1_000_000n - entry.changedNs > RACY_NS) {
+    try {
+      mkdirSync(cacheDir as string, { recursive: true, mode: 0o700 });
+      // Written aside and renamed: a reader never sees half an entry.
+      const tmp = `${entry.file}.${process.pid}.tmp`;
+      writeFileSync(tmp, JSON.stringify({ id: entry.id, sha256: digest }));
+      renameSync(tmp, entry.file);
+    } catch (e) {
+      templateLog.debug(`cannot cache the hash of ${path} in ${cacheDir}: ${(e as Error).message}`);
+    }
+  }
   return digest;
+}
+
+/**
+ * Drops the on-disk hash entries of files that changed or are gone (a
+ * directory rootfs is converted to a new temporary image on every run).
+ * Returns how many were removed.
+ */
+export function pruneFileHashes(cacheDir: string): number {
+  let names: string[];
+  try {
+    names = readdirSync(cacheDir);
+  } catch {
+    return 0;
+  }
+  let removed = 0;
+  for (const n of names) {
+    const file = join(cacheDir, n);
+    let stale = true;
+    try {
+      const { id } = JSON.parse(readFileSync(file, 'utf8')) as { id: string };
+      const path = id.split('\0')[0];
+      stale = hashCacheEntry(cacheDir, path).file !== file;
+    } catch {
+      // Unreadable, or its file is gone: stale.
+    }
+    if (stale) {
+      rmSync(file, { force: true });
+      removed++;
+    }
+  }
+  return removed;
 }
 
 /**
@@ -99,19 +186,20 @@ export function hostCpuFingerprint(cpuinfo = readFileSync('/proc/cpuinfo', 'utf8
 }
 
 /** The inputs a template is keyed by; the files by content. */
-export function templateInputs(spec: TemplateSpec): TemplateInputs {
+export function templateInputs(spec: TemplateSpec, hashCache?: string): TemplateInputs {
+  const sha256 = (path: string) => sha256File(path, hashCache);
   return {
     layout: TEMPLATE_LAYOUT,
-    kernel: sha256File(spec.kernel),
-    initrd: sha256File(spec.initrd),
+    kernel: sha256(spec.kernel),
+    initrd: sha256(spec.initrd),
     cpus: spec.cpus,
     memoryMiB: spec.memoryMiB,
     cmdline: spec.cmdline,
     // The snapshot format and the device state layout are the addon's: a new
     // build may read old snapshots, but nothing says so, so it gets new ones.
-    vmm: sha256File(addonPath),
+    vmm: sha256(addonPath),
     cpu: hostCpuFingerprint(),
-    disks: (spec.disks ?? []).map((d) => sha256File(d)).join(','),
+    disks: (spec.disks ?? []).map(sha256).join(','),
   };
 }
 
@@ -123,6 +211,8 @@ interface PreparedClone {
   stateDir: string;
   restoreNs: bigint;
   agentReadyNs: bigint;
+  /** Set when this acquire made the template (boot + snapshot) before restoring it. */
+  madeMs?: number;
 }
 
 export interface RestoredGuest extends LaunchedVm {
@@ -139,6 +229,8 @@ export interface RestoredGuest extends LaunchedVm {
   timings: { restoreNs: bigint; agentReadyNs: bigint; identityNs: bigint };
   /** Whether the clone came from the warm queue. */
   warm: boolean;
+  /** Set when this acquire had to make the template first (boot + snapshot), in ms. */
+  madeMs?: number;
   /** Kills the VM and removes its state directory; idempotent. */
   close(): Promise<void>;
 }
@@ -149,8 +241,10 @@ export interface TemplatePoolOptions {
   root?: string;
   /** Parent of each restored VM's state directory (serial log, vsock socket); default the OS temp dir. */
   stateDir?: string;
-  /** Bound on (re)start → agent answering; default 60 s (a template boot in the lab takes ~10 s). */
+  /** Bound on the template's boot → agent answering; default 60 s (a template boot in the lab takes ~10 s). */
   agentTimeoutMs?: number;
+  /** Bound on restore → agent answering; default $VMLET_RESTORE_TIMEOUT_MS or 20 s. */
+  restoreTimeoutMs?: number;
   /**
    * Clones kept restored with their agent connected, so acquire() only pays
    * SET_IDENTITY; refilled in the background after each acquire. Default 0.
@@ -164,6 +258,7 @@ export class TemplatePool {
   private readonly spec: TemplateSpec;
   private readonly stateParent: string;
   private readonly agentTimeoutMs: number;
+  private readonly restoreTimeoutMs: number;
   private readonly warmTarget: number;
   private readonly warmQueue: Promise<PreparedClone>[] = [];
   private closed = false;
@@ -173,19 +268,25 @@ export class TemplatePool {
     this.store = new TemplateStore({ root: opts.root });
     this.stateParent = opts.stateDir ?? tmpdir();
     this.agentTimeoutMs = opts.agentTimeoutMs ?? 60_000;
+    this.restoreTimeoutMs = opts.restoreTimeoutMs ?? (Number(process.env.VMLET_RESTORE_TIMEOUT_MS) || DEFAULT_RESTORE_TIMEOUT_MS);
     this.warmTarget = opts.warm ?? 0;
     if (!Number.isInteger(this.warmTarget) || this.warmTarget < 0 || this.warmTarget > 64)
       throw new TemplateError('BAD_POOL_OPTIONS', `warm is ${String(opts.warm)}: keep 0 to 64 clones warm`);
   }
 
+  /** The template's inputs now, the files' hashes cached beside the templates. */
+  private inputs(): TemplateInputs {
+    return templateInputs(this.spec, join(this.store.root, FILE_HASH_CACHE));
+  }
+
   /** The key of this pool's template, from the current inputs (files hashed, memoised). */
   key(): string {
-    return templateKey(templateInputs(this.spec));
+    return templateKey(this.inputs());
   }
 
   /** The template, made now (a cold boot + snapshot) if the store has none for the current inputs. */
   template(): Promise<Template> {
-    const inputs = templateInputs(this.spec);
+    const inputs = this.inputs();
     return this.store.ensure(templateKey(inputs), inputs, (dir) => this.make(dir));
   }
 
@@ -193,7 +294,7 @@ export class TemplatePool {
    * A VM restored from the template, running, its agent connected and its
    * identity fresh (own RNG state, the host's wall clock, `hostname`).
    */
-  async acquire(opts: { hostname?: string; stateDir?: string } = {}): Promise<RestoredGuest> {
+  async acquire(opts: { hostname?: string; stateDir?: string; signal?: AbortSignal } = {}): Promise<RestoredGuest> {
     if (this.closed) throw new TemplateError('POOL_CLOSED', 'acquire() after close(): make a new TemplatePool');
     const hostname = opts.hostname ?? `vmlet-${randomBytes(4).toString('hex')}`;
     let prepared: PreparedClone | null = null;
@@ -209,7 +310,7 @@ export class TemplatePool {
       }
     }
     this.refill();
-    prepared ??= await this.prepareFromStore(opts.stateDir);
+    prepared ??= await this.prepareFromStore(opts.stateDir, opts.signal);
     try {
       // Before anything else runs in the clone: until this returns it shares
       // its siblings' RNG state, a stale clock and the template's hostname.
@@ -244,9 +345,17 @@ export class TemplatePool {
     }
   }
 
-  private prepareFromStore(stateDir?: string): Promise<PreparedClone> {
-    const inputs = templateInputs(this.spec);
-    return this.store.use(templateKey(inputs), inputs, (dir) => this.make(dir), (t) => this.prepare(t, stateDir), isSnapshotCorrupt);
+  private async prepareFromStore(stateDir?: string, signal?: AbortSignal): Promise<PreparedClone> {
+    const inputs = this.inputs();
+    let madeMs: number | undefined;
+    const make = async (dir: string): Promise<Record<string, unknown>> => {
+      const t0 = Date.now();
+      const meta = await this.make(dir, signal);
+      madeMs = Date.now() - t0;
+      return meta;
+    };
+    const p = await this.store.use(templateKey(inputs), inputs, make, (t) => this.prepare(t, stateDir, signal), isTemplateUnusable);
+    return { ...p, madeMs };
   }
 
   private handOver(p: PreparedClone, hostname: string, identity: IdentityResult, warm: boolean): RestoredGuest {
@@ -260,6 +369,7 @@ export class TemplatePool {
       template: p.template,
       timings: { restoreNs: p.restoreNs, agentReadyNs: p.agentReadyNs, identityNs },
       warm,
+      madeMs: p.madeMs,
       close: () => {
         closed ??= this.discardClone(p);
         return closed;
@@ -276,7 +386,7 @@ export class TemplatePool {
     }
   }
   /** Cold-boots the template guest into `dir`: the agent answers, then the VM is paused and snapshotted. */
-  private async make(dir: string): Promise<Record<string, unknown>> {
+  private async make(dir: string, signal?: AbortSignal): Promise<Record<string, unknown>> {
     const work = mkdtempSync(join(this.stateParent, 'vmlet-template-boot-'));
     const vsockPath = join(work, 'vsock.sock');
     const serialLog = join(work, 'serial.log');
@@ -295,7 +405,7 @@ export class TemplatePool {
     const vm = await Vm.create(config);
     try {
       vm.start();
-      const client = await waitForAgent({ vm, vsockPath, serialLog, layerDevices: [], origin: 'template boot' }, this.agentTimeoutMs);
+      const client = await waitForAgent({ vm, vsockPath, serialLog, layerDevices: [], origin: 'template boot' }, this.agentTimeoutMs, signal);
       await client.ping();
       // The restore's transport reset drops this connection in every clone;
       // closing it first just spares the agent a dead peer.
@@ -306,6 +416,10 @@ export class TemplatePool {
       templateLog.info(`template booted in ${bootMs} ms, snapshot ${snapshot.memoryFileBytes} bytes on disk`);
       return {
         bootMs,
+        // For people reading `vmlet templates list`; the key has their content.
+        layers: this.spec.disks ?? [],
+        cpus: this.spec.cpus,
+        memoryMiB: this.spec.memoryMiB,
         agentVersion: client.hello?.agentVersion ?? '',
         snapshot: { version: snapshot.version, memoryBytes: snapshot.memoryBytes, memoryFileBytes: snapshot.memoryFileBytes, cpus: snapshot.cpus, kernelSha256: snapshot.kernelSha256, refusedMsrs: snapshot.refusedMsrs, skipped: snapshot.skipped, durationMs: Number(snapshot.durationNs) / 1e6 },
       };
@@ -316,7 +430,7 @@ export class TemplatePool {
   }
 
   /** Restores a clone and waits for its agent; SnapshotError here makes the store remake the template. */
-  private async prepare(template: Template, givenStateDir?: string): Promise<PreparedClone> {
+  private async prepare(template: Template, givenStateDir?: string, signal?: AbortSignal): Promise<PreparedClone> {
     const stateDir = givenStateDir ?? mkdtempSync(join(this.stateParent, 'vmlet-restored-'));
     const vsockPath = join(stateDir, 'vsock.sock');
     const serialLog = join(stateDir, 'serial.log');
@@ -329,12 +443,22 @@ export class TemplatePool {
         serialLog,
         disks: disks.map((path) => ({ path, readOnly: true })),
         vsock: { cid: GUEST_CID, udsPath: vsockPath },
+        // The key already names the kernel and initrd; this catches a template
+        // directory that does not hold what its key says (copied, tampered).
+        expect: { kernelSha256: String(template.manifest.inputs.kernel), initrdSha256: String(template.manifest.inputs.initrd) },
       });
       vm.start();
       const launched: LaunchedVm = { vm, vsockPath, serialLog, layerDevices: disks.map((_, i) => virtioBlkDevice(i)), origin: 'template restore' };
-      const client = await waitForAgent(launched, this.agentTimeoutMs);
+      const client = await waitForAgent(launched, this.restoreTimeoutMs, signal);
       return { launched, client, template, stateDir, restoreNs, agentReadyNs: process.hrtime.bigint() };
     } catch (e) {
+      // The store logs the message; whether the guest got its vsock reset and
+      // what it printed are only here, and the VM and state dir go next.
+      if (e instanceof SandboxError && vm) {
+        const reset = vm.stats().vsockResetSent;
+        templateLog.warn(`a clone of template ${template.key} failed (${e.code}); vsock transport reset ${reset === undefined ? 'unknown' : reset ? 'sent' : 'NOT sent'}` +
+          `${e.serialTail ? `; its serial log ends:\n${e.serialTail}` : '; its serial log is empty'}`);
+      }
       if (vm) await vm.kill();
       if (givenStateDir === undefined) rmSync(stateDir, { recursive: true, force: true });
       throw e;
@@ -343,20 +467,62 @@ export class TemplatePool {
 }
 
 /**
+ * Why a failed restore should give way to a cold boot, or null when the error
+ * is not the template's (the caller's abort, a missing guest kernel, a bug)
+ * and must reach the caller as it is.
+ */
+export function templateFailureReason(e: unknown): string | null {
+  if (e instanceof SandboxError) {
+    if (e.code === 'GUEST_DIED' || e.code === 'AGENT_TIMEOUT' || e.code === 'AGENT_LOST') return `the restored guest failed: ${e.message}`;
+    return null;
+  }
+  if (e instanceof TemplateError) return e.message;
+  if (e instanceof VmmError) return `${e.name}: ${e.message}`;
+  if (e instanceof AgentError) return `the restored guest's agent refused its new identity: ${e.message}`;
+  return null;
+}
+
+/** Empties dir, creating it again when a discarded clone took it along. */
+function clearDir(dir: string): void {
+  mkdirSync(dir, { recursive: true, mode: 0o700 });
+  for (const n of readdirSync(dir)) rmSync(join(dir, n), { recursive: true, force: true });
+}
+
+export interface TemplateLauncherOptions {
+  /** The TemplateStore root; default $VMLET_TEMPLATE_DIR or /var/lib/vmlet/templates. */
+  root?: string;
+  /** Bound on a template's boot → agent answering (default: the spec's, else 60 s). */
+  agentTimeoutMs?: number;
+  /** Bound on restore → agent answering (TemplatePoolOptions.restoreTimeoutMs). */
+  restoreTimeoutMs?: number;
+  /**
+   * Where a sandbox goes when its template cannot be used (cannot be made,
+   * corrupt again after a remake, a restore the VMM or the guest refuses):
+   * usually coldBoot. The reason is logged (warn) and put in the LaunchedVm's
+   * report. Without it such failures reach the caller.
+   */
+  fallback?: VmLauncher;
+  /** Guest kernel and agent initramfs; default hack/guest-kernel's and agentInitramfs(). */
+  guest?: { kernel: string; initrd: string };
+}
+
+/**
  * A Sandbox launcher (sandbox.ts VmLauncher) that restores instead of booting:
  * one pool per (layers, cpus, memory, command line), each with its template
- * under `root`. The clone gets its fresh identity here, before the Sandbox
- * makes its own connection to the agent.
+ * under `root`, made on the first launch that needs it. The clone gets its
+ * fresh identity here, before the Sandbox makes its own connection to the agent.
  */
-export function templateLauncher(opts: { root?: string; agentTimeoutMs?: number } = {}): VmLauncher & { close(): Promise<void> } {
+export function templateLauncher(opts: TemplateLauncherOptions = {}): VmLauncher & { close(): Promise<void> } {
   const pools = new Map<string, TemplatePool>();
   // Looked up once per launcher: each lookup runs helper programs
   // (hack/guest-kernel --check, file -L on busybox) that cost seconds in the
   // lab, more than the restore itself. Their content is in the template key.
-  let guest: { kernel: string; initrd: string } | undefined;
+  let guest = opts.guest;
   return {
     name: 'template restore',
-    async launch(spec: SandboxSpec, stateDir: string): Promise<LaunchedVm> {
+    async launch(spec: SandboxSpec, stateDir: string, lopts: LaunchOptions = {}): Promise<LaunchedVm> {
+      const signal = lopts.signal;
+      // A guest that cannot be found cannot be booted either: no fallback.
       guest ??= { kernel: requireGuestKernel().vmlinux, initrd: agentInitramfs() };
       const tspec: TemplateSpec = {
         kernel: guest.kernel,
@@ -370,16 +536,57 @@ export function templateLauncher(opts: { root?: string; agentTimeoutMs?: number 
       const id = JSON.stringify(tspec);
       let pool = pools.get(id);
       if (!pool) {
-        pool = new TemplatePool({ spec: tspec, root: opts.root, stateDir: spec.stateDir, agentTimeoutMs: opts.agentTimeoutMs ?? spec.agentTimeoutMs });
+        pool = new TemplatePool({
+          spec: tspec,
+          root: opts.root,
+          stateDir: spec.stateDir,
+          agentTimeoutMs: opts.agentTimeoutMs ?? spec.agentTimeoutMs,
+          restoreTimeoutMs: opts.restoreTimeoutMs,
+        });
         pools.set(id, pool);
       }
       const t0 = process.hrtime.bigint();
-      const g = await pool.acquire({ stateDir });
+      let g: RestoredGuest;
+      try {
+        g = await pool.acquire({ stateDir, signal });
+      } catch (e) {
+        if (signal?.aborted) throw new SandboxError('ABORTED', 'the sandbox start was interrupted while its template was made or restored');
+        // The template's guest died while it booted: a cold boot is the same boot
+        // and would die the same way, so the guest's reason (with its serial
+        // tail) is the answer. An agent that did not answer in time is not
+        // that sure a sign (seen in the lab right after a failed restore, when
+        // a cold boot then worked): that one falls back like any other.
+        if (e instanceof TemplateError && e.code === 'TEMPLATE_BUILD_FAILED' && e.cause instanceof SandboxError && e.cause.code === 'GUEST_DIED') throw e.cause;
+        const reason = templateFailureReason(e);
+        if (!opts.fallback || reason === null) throw e;
+        templateLog.warn(`cannot start this sandbox from a template, booting it instead: ${reason}`);
+        // What the failed restore left (serial log, socket) must not mix with the boot's.
+        clearDir(stateDir);
+        const launched = await opts.fallback.launch(spec, stateDir, lopts);
+        return { ...launched, report: { ...launched.report, fallbackReason: reason } };
+      }
       // The Sandbox connects on its own; this connection only carried SET_IDENTITY.
       g.client.destroy();
-      const ms = (a: bigint, b: bigint) => (Number(b - a) / 1e6).toFixed(1);
-      templateLog.debug(`restored a sandbox in ${ms(t0, process.hrtime.bigint())} ms: until restore ${ms(t0, g.timings.restoreNs)}, restore -> agent ${ms(g.timings.restoreNs, g.timings.agentReadyNs)}, identity ${ms(g.timings.agentReadyNs, g.timings.identityNs)}`);
-      return { vm: g.vm, vsockPath: g.vsockPath, serialLog: g.serialLog, layerDevices: g.layerDevices, origin: g.origin };
+      const ms = (a: bigint, b: bigint) => Number(b - a) / 1e6;
+      const st = g.vm.stats();
+      const hostRestoreMs = st.restoredNs !== undefined && st.firstEntryNs !== undefined ? ms(st.restoredNs, st.firstEntryNs) : undefined;
+      templateLog.debug(`restored a sandbox in ${ms(t0, process.hrtime.bigint()).toFixed(1)} ms: until restore ${ms(t0, g.timings.restoreNs).toFixed(1)}, restore -> agent ${ms(g.timings.restoreNs, g.timings.agentReadyNs).toFixed(1)}, identity ${ms(g.timings.agentReadyNs, g.timings.identityNs).toFixed(1)}`);
+      return {
+        vm: g.vm,
+        vsockPath: g.vsockPath,
+        serialLog: g.serialLog,
+        layerDevices: g.layerDevices,
+        origin: g.origin,
+        report: {
+          template: {
+            key: g.template.key,
+            madeMs: g.madeMs,
+            restoreToAgentMs: ms(g.timings.restoreNs, g.timings.agentReadyNs),
+            hostRestoreMs,
+            identityMs: ms(g.timings.agentReadyNs, g.timings.identityNs),
+          },
+        },
+      };
     },
     async close() {
       for (const p of pools.values()) await p.close();

@@ -13,8 +13,13 @@
 // - A template its user finds corrupt is discarded (renamed away, then
 //   removed: a VM that still maps its memory file keeps its pages) and made
 //   again, once; a second corrupt copy is an error, not a loop.
+// - Housekeeping (`vmlet templates prune`) removes a template only while it
+//   holds the key's lock, so never one being made; a template in use is safe
+//   for the same reason as a corrupt one (rename, then remove), and a restore
+//   racing the removal finds it gone and makes it anew. A template's last use
+//   is its directory's mtime, set by use().
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, unlinkSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, unlinkSync, utimesSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import winston from 'winston';
 
@@ -85,6 +90,17 @@ export interface Template {
   dir: string;
   manifest: TemplateManifest;
 }
+
+/** A template as `vmlet templates list` shows it. */
+export interface TemplateEntry extends Template {
+  /** Bytes its files occupy on disk (the memory file is sparse: blocks, not length). */
+  diskBytes: number;
+  /** The last use() that succeeded, else when it was made (ms since the epoch). */
+  lastUsedMs: number;
+}
+
+/** What remove() did: a template being made right now is left alone. */
+export type RemoveOutcome = 'removed' | 'being-made' | 'absent';
 
 export const MANIFEST = 'template.json';
 const BUILDING_PREFIX = '.building-';
@@ -205,14 +221,18 @@ export class TemplateStore {
   async use<T>(key: string, inputs: TemplateInputs, make: TemplateMaker, use: (t: Template) => Promise<T>, isCorrupt: (e: unknown) => boolean): Promise<T> {
     const first = await this.ensure(key, inputs, make);
     try {
-      return await use(first);
+      const r = await use(first);
+      this.touch(first);
+      return r;
     } catch (e) {
       if (!isCorrupt(e)) throw e;
       templateLog.warn(`template ${key} (${first.dir}, made ${first.manifest.createdAt}) is corrupt, making it again: ${(e as Error).message}`);
       this.discardIfSame(key, first.manifest.id, (e as Error).message);
       const second = await this.ensure(key, inputs, make);
       try {
-        return await use(second);
+        const r = await use(second);
+        this.touch(second);
+        return r;
       } catch (e2) {
         if (!isCorrupt(e2)) throw e2;
         this.discardIfSame(key, second.manifest.id, (e2 as Error).message);
@@ -250,6 +270,59 @@ export class TemplateStore {
     }
     this.removeLeftovers(names);
     return names.filter((n) => /^[0-9a-f]{32}$/.test(n) && this.lookup(n) !== null);
+  }
+
+  /** Every complete template with its size on disk and last use, oldest use first. */
+  entries(): TemplateEntry[] {
+    const out: TemplateEntry[] = [];
+    for (const key of this.list()) {
+      const t = this.lookup(key);
+      if (!t) continue;
+      let lastUsedMs: number;
+      try {
+        lastUsedMs = statSync(t.dir).mtimeMs;
+      } catch {
+        // Removed since list(): not a template any more.
+        continue;
+      }
+      out.push({ ...t, diskBytes: diskUsage(t.dir), lastUsedMs });
+    }
+    return out.sort((a, b) => a.lastUsedMs - b.lastUsedMs);
+  }
+
+  /**
+   * Removes the template for key unless another process is making it now
+   * (its lock is held by a live pid). Holding the lock while removing keeps a
+   * maker from renaming a new template into place half-way through.
+   */
+  remove(key: string, reason: string): RemoveOutcome {
+    const lock = join(this.root, `${key}.lock`);
+    let token = this.tryLock(lock);
+    if (!token) {
+      const holder = this.lockHolder(lock);
+      if (holder === null || pidAlive(holder)) return 'being-made';
+      this.removeIfSame(lock, holder);
+      token = this.tryLock(lock);
+      if (!token) return 'being-made';
+    }
+    try {
+      if (!this.exists(this.dirOf(key))) return 'absent';
+      this.discard(key, reason);
+      return 'removed';
+    } finally {
+      this.unlock(lock, token);
+    }
+  }
+
+  /** Marks a use (the directory's mtime): prune --older-than keeps what is in use. */
+  private touch(t: Template): void {
+    const now = new Date();
+    try {
+      utimesSync(t.dir, now, now);
+    } catch (e) {
+      // Removed meanwhile by prune, or a read-only store: the use itself succeeded.
+      templateLog.debug(`cannot record the use of template ${t.key}: ${(e as Error).message}`);
+    }
   }
 
   private discardIfSame(key: string, id: string, reason: string): void {
@@ -366,9 +439,18 @@ export class TemplateStore {
     }
   }
 
-  /** Removes `.building-*` of dead makers and `.discarded-*` left by a crash mid-removal. */
+  /** Removes `.building-*` of dead makers, `.discarded-*` left by a crash mid-removal, and locks of dead makers. */
   private removeLeftovers(names: string[]): void {
     for (const n of names) {
+      if (/^[0-9a-f]{32}\.lock$/.test(n)) {
+        const lock = join(this.root, n);
+        const holder = this.lockHolder(lock);
+        if (holder !== null && !pidAlive(holder)) {
+          templateLog.info(`removing ${n}: its maker (pid ${holder}) is gone`);
+          this.removeIfSame(lock, holder);
+        }
+        continue;
+      }
       let pid: number | null = null;
       if (n.startsWith(BUILDING_PREFIX)) pid = Number.parseInt(n.slice(BUILDING_PREFIX.length).split('-')[1] ?? '', 10);
       else if (n.startsWith(DISCARDED_PREFIX)) pid = Number.parseInt(n.slice(DISCARDED_PREFIX.length).split('-')[1] ?? '', 10);
@@ -379,4 +461,24 @@ export class TemplateStore {
       }
     }
   }
+}
+
+/** Bytes a directory tree occupies on disk (allocated blocks, so a sparse file counts what it holds). */
+export function diskUsage(path: string): number {
+  let st;
+  try {
+    st = lstatSync(path);
+  } catch {
+    return 0;
+  }
+  if (!st.isDirectory()) return st.blocks * 512;
+  let total = st.blocks * 512;
+  let names: string[] = [];
+  try {
+    names = readdirSync(path);
+  } catch {
+    // Removed while we walked it.
+  }
+  for (const n of names) total += diskUsage(join(path, n));
+  return total;
 }

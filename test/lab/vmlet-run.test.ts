@@ -1,7 +1,9 @@
-// `vmlet run` end to end, as a user runs it: the real CLI (node dist/shim/cli/vmlet.js)
+// `vmlet run --cold` end to end, as a user runs it: the real CLI (node dist/shim/cli/vmlet.js)
 // boots our guest kernel with vmlet-agent on the lab's standard KVM and runs one
 // process in a busybox rootfs. Each `it` group is one microVM (a few seconds each
-// in the lab), so checks that can share a VM share it.
+// in the lab), so checks that can share a VM share it. Every run here boots
+// (--cold): the same checks on restored microVMs, vmlet run's default, are in
+// vmlet-run-restore.test.ts.
 import { strict as assert } from 'node:assert';
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
@@ -54,7 +56,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
     before(async function () {
       if (!sqfs) this.skip();
       hashBefore = sha256File(sqfs);
-      r = await runCli(['run', '--cpus', '2', '--stats', sqfs, '--', 'sh', '-c',
+      r = await runCli(['run', '--cold', '--cpus', '2', '--stats', sqfs, '--', 'sh', '-c',
         'echo "KERNEL $(uname -r)"; echo "NPROC $(nproc)"; echo written > /etc/written; rm /bin/ls; echo "READBACK $(cat /etc/written)"; exit 7']);
     });
 
@@ -76,7 +78,8 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
     });
     it('--stats prints the boot timings and the VM exits by reason', () => {
       const err = r.stderr.toString();
-      assert.match(err, /launch → agent ready \d+ ms/, show(r));
+      assert.match(err, /^vmlet run: cold boot: .*launch → agent ready \d+ ms/m, show(r));
+      assert.doesNotMatch(err, /template/, '--cold neither makes nor restores a template');
       const m = /VM exits (\d+): (.*)$/m.exec(err);
       assert.ok(m, show(r));
       const parts = m[2].split(', ').map((p) => p.split(' '));
@@ -91,7 +94,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
     before(async function () {
       if (!sqfs) this.skip();
       input = randomBytes(2 * MiB);
-      r = await runCli(['run', '-i', sqfs, '--', 'sh', '-c',
+      r = await runCli(['run', '--cold', '-i', sqfs, '--', 'sh', '-c',
         `cat > /tmp/in; head -c ${MiB} /tmp/in; tail -c ${MiB} /tmp/in >&2; kill -9 $$`], { stdin: input });
     });
 
@@ -109,7 +112,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
 
   it('forwards SIGTERM sent to the CLI to the process (exit 143)', async function () {
     if (!sqfs) this.skip();
-    const run = startCli(['run', sqfs, '--', 'sh', '-c', 'echo ready; exec sleep 1000']);
+    const run = startCli(['run', '--cold', sqfs, '--', 'sh', '-c', 'echo ready; exec sleep 1000']);
     await run.stdoutMatches(/ready\n/);
     run.child.kill('SIGTERM');
     const r = await run.done;
@@ -118,7 +121,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
 
   it('stops the microVM on a second SIGINT when the process ignores the first (exit 130)', async function () {
     if (!sqfs) this.skip();
-    const run = startCli(['run', sqfs, '--', 'sh', '-c', 'trap "echo got-int" INT; echo ready; while true; do sleep 1; done']);
+    const run = startCli(['run', '--cold', sqfs, '--', 'sh', '-c', 'trap "echo got-int" INT; echo ready; while true; do sleep 1; done']);
     await run.stdoutMatches(/ready\n/);
     run.child.kill('SIGINT');
     await run.stdoutMatches(/got-int\n/);
@@ -130,7 +133,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
 
   it('gives the process a terminal with -t (one output stream, 24x80 when ours is not a terminal)', async function () {
     if (!sqfs) this.skip();
-    const r = await runCli(['run', '-t', sqfs, '--', 'sh', '-c', 'tty; stty size; echo "TERM=$TERM"; echo to-stderr >&2']);
+    const r = await runCli(['run', '--cold', '-t', sqfs, '--', 'sh', '-c', 'tty; stty size; echo "TERM=$TERM"; echo to-stderr >&2']);
     assert.equal(r.code, 0, show(r));
     const out = r.stdout.toString();
     assert.match(out, /^\/dev\/pts\/\d+\r\n24 80\r\nTERM=xterm\r\nto-stderr\r\n$/, show(r));
@@ -141,7 +144,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
     if (!sqfs) this.skip();
     // script(1) gives the CLI a terminal of 30x100. Output crosses two ptys (the
     // guest's and script's), so lines end in \r\r\n.
-    const inner = `stty rows 30 cols 100; exec ${process.execPath} ${vmletJs} run -t -i ${sqfs} -- sh`;
+    const inner = `stty rows 30 cols 100; exec ${process.execPath} ${vmletJs} run --cold -t -i ${sqfs} -- sh`;
     const child = spawn('script', ['-qec', inner, '/dev/null'], { stdio: ['pipe', 'pipe', 'pipe'] });
     let out = '';
     child.stdout.on('data', (d: Buffer) => (out += d.toString('latin1')));
@@ -165,7 +168,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
 
   it('runs a directory (converted to squashfs) with --env and --workdir', async function () {
     if (!rootDir) this.skip();
-    const r = await runCli(['run', '--env', 'GREETING=hello there', '--workdir', '/etc', rootDir, '--', 'sh', '-c', 'echo "$GREETING in $PWD"']);
+    const r = await runCli(['run', '--cold', '--env', 'GREETING=hello there', '--workdir', '/etc', rootDir, '--', 'sh', '-c', 'echo "$GREETING in $PWD"']);
     assert.equal(r.code, 0, show(r));
     assert.equal(r.stdout.toString(), 'hello there in /etc\n');
   });
@@ -184,7 +187,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
     });
     const load = await runCli(['--root', root, 'load', '--name', 'localhost/run-e2e/busybox:v1', join(work, 'layout')]);
     assert.equal(load.code, 0, show(load));
-    const r = await runCli(['--root', root, 'run', 'localhost/run-e2e/busybox:v1']);
+    const r = await runCli(['--root', root, 'run', '--cold', 'localhost/run-e2e/busybox:v1']);
     assert.equal(r.code, 0, show(r));
     assert.equal(r.stdout.toString(), 'from-image in /tmp as 1000:1000\n');
   });
@@ -193,7 +196,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
     if (!sqfs) this.skip();
     // The kernel has no sysrq and PID 1 cannot be killed from inside, so panic the
     // real way: panic_on_oom=2, overcommit allowed, and one allocation larger than RAM.
-    const r = await runCli(['run', '--memory', '128', sqfs, '--', 'sh', '-c',
+    const r = await runCli(['run', '--cold', '--memory', '128', sqfs, '--', 'sh', '-c',
       'echo 1 > /proc/sys/vm/overcommit_memory; echo 2 > /proc/sys/vm/panic_on_oom; dd if=/dev/zero of=/dev/null bs=256M count=1; echo survived']);
     assert.equal(r.code, 125, show(r));
     assert.doesNotMatch(r.stdout.toString(), /survived/);

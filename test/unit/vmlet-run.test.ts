@@ -43,7 +43,7 @@ describe('vmlet run: command line', () => {
     const r = parseRunArgs({}, ['img.sqfs', 'sh', '-c', 'exit 7']);
     assert.deepEqual(r, {
       rootfs: 'img.sqfs', command: ['sh', '-c', 'exit 7'], cpus: 1, memoryMiB: 256, tty: false, interactive: false,
-      env: [], workdir: undefined, user: undefined, stats: false, forceKvm: false,
+      env: [], workdir: undefined, user: undefined, stats: false, forceKvm: false, cold: false,
     });
   });
 
@@ -52,7 +52,11 @@ describe('vmlet run: command line', () => {
     assert.equal(r.code, 0);
     for (const opt of ['--cpus N', '--memory MiB', '--cold', '-t, --tty', '-i, --interactive', '-e, --env K=V', '--workdir', '--stats', '--force-kvm'])
       assert.ok(r.out.includes(opt), `help mentions ${opt}:\n${r.out}`);
-    assert.match(r.out, /today every run is a\s+cold boot \(template snapshots come with issue 7\)/);
+    // Restoring is the default; the help says what --cold changes and where templates live.
+    assert.match(r.out, /--cold\s+boot the guest kernel instead of restoring a template/);
+    assert.match(r.out, /restored from a snapshot of a guest booted once per\s+\(rootfs layers, --cpus, --memory/);
+    assert.match(r.out, /\$VMLET_TEMPLATE_DIR, else <root>\/templates/);
+    assert.match(r.out, /vmlet templates list \/ prune/);
     assert.match(r.out, /hack\/kvm-lab run -- vmlet run/);
     const v = parseRunArgs({ cpus: '2', memory: '512', tty: true, interactive: true, env: ['A=1', 'B=x=y'], workdir: '/srv', user: '1000:100', stats: true, cold: true }, ['r', 'true']);
     assert.equal(v.cpus, 2);
@@ -60,6 +64,7 @@ describe('vmlet run: command line', () => {
     assert.deepEqual(v.env, ['A=1', 'B=x=y']);
     assert.equal(v.tty && v.interactive && v.stats, true);
     assert.equal(v.workdir, '/srv');
+    assert.equal(v.cold, true);
   });
 
   for (const [flag, value, why] of [

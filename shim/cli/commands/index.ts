@@ -7,5 +7,6 @@ import { load } from './load';
 import { gc } from './gc';
 import { check } from './check';
 import { run } from './run';
+import { templates } from './templates';
 
-export const commands: Command[] = [run, pull, images, rmi, load, gc, check];
+export const commands: Command[] = [run, templates, pull, images, rmi, load, gc, check];

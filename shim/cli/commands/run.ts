@@ -2,8 +2,10 @@
 // terminal like `docker run`: stdio streamed byte-exact (or through a pty with
 // -t), SIGINT/SIGTERM/SIGHUP/SIGQUIT forwarded, the process's exit code (128 +
 // signal when it was killed) as ours. vmlet's own failures exit 125, as docker
-// run's do. The microVM is a Sandbox (shim/sandbox); this file only translates
-// the command line and the terminal.
+// run's do. The microVM is a Sandbox (shim/sandbox), restored from a template
+// of its (layers, cpus, memory) made on first use, or booted with --cold or when
+// the template cannot be used; this file only translates the command line and
+// the terminal.
 import { spawn } from 'node:child_process';
 import { existsSync, mkdtempSync, rmSync, statSync } from 'node:fs';
 import { constants as osConstants, tmpdir } from 'node:os';
@@ -18,7 +20,8 @@ import { ImageError } from '../../images/errors';
 import { ImageService } from '../../images/image-service';
 import type { RuntimeConfig } from '../../images/image-store';
 import { linuxGuestRefusal } from '../../sandbox/host';
-import { checkLayer, describeExit, MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, Sandbox, SandboxError } from '../../sandbox/sandbox';
+import { checkLayer, coldBoot, describeExit, MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, Sandbox, SandboxError, VmLauncher } from '../../sandbox/sandbox';
+import { templateLauncher } from '../../sandbox/template-pool';
 
 /** docker run's status for its own failures (as opposed to the container's). */
 export const EXIT_VMLET_FAILED = 125;
@@ -38,6 +41,13 @@ export interface RunRequest {
   user?: string;
   stats: boolean;
   forceKvm: boolean;
+  /** Boot the guest kernel instead of restoring a template. */
+  cold: boolean;
+}
+
+/** $VMLET_TEMPLATE_DIR, else `templates` under the state root (/var/lib/vmlet/templates by default). */
+export function templateRoot(root: string): string {
+  return process.env.VMLET_TEMPLATE_DIR || join(root, 'templates');
 }
 
 function wholeNumber(text: string | undefined, flag: string, min: number, max: number, dflt: number): number {
@@ -68,6 +78,7 @@ export function parseRunArgs(values: OptionValues, positionals: string[]): RunRe
     user,
     stats: values.stats === true,
     forceKvm: values['force-kvm'] === true,
+    cold: values.cold === true,
   };
 }
 
@@ -213,8 +224,7 @@ export const run: Command = {
   help: [
     '--cpus N          vCPUs of the microVM (default 1, at most 64)',
     '--memory MiB      guest RAM (default 256)',
-    '--cold            boot the guest kernel rather than restore a template; today every run is a',
-    '                  cold boot (template snapshots come with issue 7), so this changes nothing yet',
+    '--cold            boot the guest kernel instead of restoring a template (see below)',
     '-t, --tty         a pseudo-terminal for the process (window size follows this terminal)',
     '-i, --interactive forward stdin to the process (without it the process reads EOF)',
     '-e, --env K=V     set an environment variable (repeatable; wins over the image\'s Env)',
@@ -222,7 +232,8 @@ export const run: Command = {
     '-u, --user U      user, uid, user:group, uid:gid, user:gid or uid:group, looked up in the',
     '                  rootfs\'s /etc/passwd and /etc/group as Docker does (default the image\'s User,',
     '                  else uid 0); HOME comes from passwd unless set with -e',
-    '--stats           after the run, print boot timings and VM exits by reason to stderr',
+    '--stats           after the run, print whether it restored or booted, the start-up timings',
+    '                  and the VM exits by reason to stderr',
     '--force-kvm       skip the check that /dev/kvm can run a Linux guest (also VMLET_FORCE_KVM=1)',
     '',
     'The rootfs is a squashfs file, a directory (converted to a temporary squashfs first) or',
@@ -232,6 +243,15 @@ export const run: Command = {
     'killed it, 125 when vmlet itself failed (then the guest\'s serial log tail is printed if the',
     'guest died). Hosts without vmx/svm (nested paravirtual KVM) cannot boot Linux guests:',
     'use hack/kvm-lab run -- vmlet run ...',
+    '',
+    'Templates: by default the microVM is restored from a snapshot of a guest booted once per',
+    '(rootfs layers, --cpus, --memory, guest kernel, agent, vmlet build, host CPU). The first run',
+    'of such a combination boots the guest and snapshots it (slower than --cold, once); later runs',
+    'restore it, each with its own RNG state, clock and hostname. Templates live in',
+    '$VMLET_TEMPLATE_DIR, else <root>/templates (/var/lib/vmlet/templates); a corrupt one is made',
+    'anew, and one that cannot be used at all gives way to a cold boot with a warning on stderr.',
+    'A template holds the guest\'s memory (tens of MiB each): see vmlet templates list / prune.',
+    '--cold boots the guest kernel every time and neither makes nor reads templates.',
   ],
   async run(values, positionals, ctx) {
     const req = parseRunArgs(values, positionals);
@@ -292,10 +312,12 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
   const stdin = process.stdin;
   let rawMode = false;
   let resizeHandler: (() => void) | null = null;
+  const pool = req.cold ? null : templateLauncher({ root: templateRoot(ctx.root), fallback: coldBoot });
+  const launcher: VmLauncher = pool ?? coldBoot;
   try {
     const t0 = Date.now();
     try {
-      sandbox = await Sandbox.start({ cpus: req.cpus, memoryMiB: req.memoryMiB, layers: rootfs.layers }, { signal: abort.signal });
+      sandbox = await Sandbox.start({ cpus: req.cpus, memoryMiB: req.memoryMiB, layers: rootfs.layers }, { signal: abort.signal, launcher });
     } catch (e) {
       if (stoppedBySignal) return 128 + osConstants.signals[stoppedBySignal];
       throw e;
@@ -362,6 +384,7 @@ async function execute(req: RunRequest, ctx: CommandContext, work: string): Prom
       stdin.destroy();
     }
     if (sandbox) await sandbox.stop();
+    await pool?.close();
   }
 }
 
@@ -370,6 +393,16 @@ function printStats(ctx: CommandContext, sandbox: Sandbox, t0: number, started: 
   const ms = (a: number | undefined, b: number | undefined): string => (a !== undefined && b !== undefined ? `${b - a} ms` : '?');
   ctx.stderr.write(`vmlet run: ${sandbox.launched.origin}: VM created ${ms(t.launchStartMs, t.launchedMs)}, launch → agent ready ${ms(t.launchStartMs, t.agentReadyMs)}, ` +
     `rootfs stacked ${ms(t.agentReadyMs, t.rootfsReadyMs)}, process ran ${exitedAt - started} ms, total ${exitedAt - t0} ms\n`);
+  const report = sandbox.launched.report;
+  const tpl = report?.template;
+  const f = (n: number): string => `${n.toFixed(1)} ms`;
+  if (tpl) {
+    const made = tpl.madeMs !== undefined ? `made by this run in ${tpl.madeMs} ms (boot + snapshot)` : 'reused';
+    ctx.stderr.write(`vmlet run: template ${tpl.key} ${made}; restore → agent ready ${f(tpl.restoreToAgentMs)}` +
+      `${tpl.hostRestoreMs !== undefined ? ` (host-side restore ${f(tpl.hostRestoreMs)})` : ''}, SET_IDENTITY ${f(tpl.identityMs)}\n`);
+  } else if (report?.fallbackReason) {
+    ctx.stderr.write(`vmlet run: booted because the template could not be used: ${report.fallbackReason}\n`);
+  }
   const exits = Object.entries(sandbox.stats().exits).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
   const total = exits.reduce((s, [, n]) => s + n, 0);
   ctx.stderr.write(`vmlet run: VM exits ${total}: ${exits.map(([k, n]) => `${k} ${n}`).join(', ')}\n`);
