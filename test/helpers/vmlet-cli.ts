@@ -4,10 +4,12 @@
 import { execFileSync, spawn, ChildProcess } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { gzipSync } from 'node:zlib';
-import { copyFileSync, mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../../native/ts/testguest';
-import { busyboxStatic } from '../../shim/sandbox/guest';
+import { agentBinary, busyboxStatic } from '../../shim/sandbox/guest';
+import { requireLabGuestKernel } from './guest-kernel';
 
 export const vmletJs = join(repoRoot(), 'dist', 'shim', 'cli', 'vmlet.js');
 
@@ -74,6 +76,26 @@ export function populateBusyboxRootfs(rootfs: string, applets: string[]): void {
   for (const a of applets) if (a !== 'busybox') symlinkSync('busybox', join(rootfs, 'bin', a));
   for (const d of ['etc', 'tmp', 'proc', 'dev', 'sys']) mkdirSync(join(rootfs, d), { recursive: true });
   writeFileSync(join(rootfs, 'etc', 'passwd'), 'root:x:0:0:root:/root:/bin/sh\n');
+}
+
+/**
+ * The before() of the `vmlet run` lab suites: skips (loudly) outside the lab or
+ * without the guest kernel or a built agent, else makes a scratch directory
+ * (`prefix` + random) holding a busybox rootfs in `rootfs/`.
+ */
+export function vmletRunLabFixture(ctx: Mocha.Context, prefix: string): { work: string; rootDir: string } {
+  requireLabGuestKernel(ctx);
+  try {
+    readFileSync(agentBinary);
+  } catch {
+    console.log(`      !!! SKIPPED (the agent is not built): ${agentBinary} is missing: run npm run build:agent`);
+    ctx.skip();
+  }
+  const work = mkdtempSync(join(tmpdir(), prefix));
+  const rootDir = join(work, 'rootfs');
+  const applets = execFileSync('/bin/busybox', ['--list'], { encoding: 'utf8' }).split('\n').filter(Boolean);
+  populateBusyboxRootfs(rootDir, applets);
+  return { work, rootDir };
 }
 
 /** A one-layer OCI image layout of `rootfs` with the given runtime config. */

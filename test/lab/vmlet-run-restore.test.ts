@@ -9,12 +9,10 @@
 import { strict as assert } from 'node:assert';
 import { execFileSync } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
+import { readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { requireLabGuestKernel } from '../helpers/guest-kernel';
-import { agentBinary } from '../../shim/sandbox/guest';
-import { CliResult, populateBusyboxRootfs, runCli, startCli } from '../helpers/vmlet-cli';
+import { CliResult, vmletRunLabFixture, runCli, startCli } from '../helpers/vmlet-cli';
 
 const MiB = 1 << 20;
 
@@ -44,18 +42,9 @@ describe('vmlet run restores from a template by default (inside hack/kvm-lab)', 
   const templateKeys = (): string[] => readdirSync(templates).filter((n) => /^[0-9a-f]{32}$/.test(n));
 
   before(function () {
-    requireLabGuestKernel(this);
-    try {
-      readFileSync(agentBinary);
-    } catch {
-      console.log(`      !!! SKIPPED (the agent is not built): ${agentBinary} is missing: run npm run build:agent`);
-      this.skip();
-    }
     leftoversBefore = runLeftovers();
-    work = mkdtempSync(join(tmpdir(), 'vmlet-run-restore-e2e-'));
-    const rootDir = join(work, 'rootfs');
-    const applets = execFileSync('/bin/busybox', ['--list'], { encoding: 'utf8' }).split('\n').filter(Boolean);
-    populateBusyboxRootfs(rootDir, applets);
+    let rootDir: string;
+    ({ work, rootDir } = vmletRunLabFixture(this, 'vmlet-run-restore-e2e-'));
     sqfs = join(work, 'rootfs.sqfs');
     execFileSync('mksquashfs', [rootDir, sqfs, '-comp', 'zstd', '-noappend', '-quiet', '-all-root']);
     templates = join(work, 'templates');

@@ -3,13 +3,9 @@
 // container's own /etc/passwd and /etc/group (the overlay it stacked in the
 // guest). One microVM per `it`.
 import { strict as assert } from 'node:assert';
-import { execFileSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { requireLabGuestKernel } from '../helpers/guest-kernel';
-import { agentBinary } from '../../shim/sandbox/guest';
-import { CliResult, populateBusyboxRootfs, runCli, writeOciLayout } from '../helpers/vmlet-cli';
+import { CliResult, vmletRunLabFixture, runCli, writeOciLayout } from '../helpers/vmlet-cli';
 
 function show(r: CliResult): string {
   return `exit ${r.code ?? r.signal}\n--- stdout\n${r.stdout.toString()}\n--- stderr\n${r.stderr.toString()}`;
@@ -24,17 +20,7 @@ describe('vmlet run -u with user and group names (inside hack/kvm-lab)', functio
   let rootDir: string;
 
   before(function () {
-    requireLabGuestKernel(this);
-    try {
-      readFileSync(agentBinary);
-    } catch {
-      console.log(`      !!! SKIPPED (the agent is not built): ${agentBinary} is missing: run npm run build:agent`);
-      this.skip();
-    }
-    work = mkdtempSync(join(tmpdir(), 'vmlet-run-user-'));
-    rootDir = join(work, 'rootfs');
-    const applets = execFileSync('/bin/busybox', ['--list'], { encoding: 'utf8' }).split('\n').filter(Boolean);
-    populateBusyboxRootfs(rootDir, applets);
+    ({ work, rootDir } = vmletRunLabFixture(this, 'vmlet-run-user-'));
     writeFileSync(join(rootDir, 'etc', 'passwd'), 'root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n');
     writeFileSync(join(rootDir, 'etc', 'group'), 'root:x:0:\nwheel:x:10:app\nstaff:x:50:app\napp:x:1000:\n');
   });

@@ -7,12 +7,9 @@
 import { strict as assert } from 'node:assert';
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { requireLabGuestKernel } from '../helpers/guest-kernel';
-import { agentBinary } from '../../shim/sandbox/guest';
-import { CliResult, populateBusyboxRootfs, runCli, startCli, vmletJs, writeOciLayout } from '../helpers/vmlet-cli';
+import { CliResult, vmletRunLabFixture, runCli, startCli, vmletJs, writeOciLayout } from '../helpers/vmlet-cli';
 
 const MiB = 1 << 20;
 
@@ -32,17 +29,7 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
   let sqfs: string;
 
   before(function () {
-    requireLabGuestKernel(this);
-    try {
-      readFileSync(agentBinary);
-    } catch {
-      console.log(`      !!! SKIPPED (the agent is not built): ${agentBinary} is missing: run npm run build:agent`);
-      this.skip();
-    }
-    work = mkdtempSync(join(tmpdir(), 'vmlet-run-e2e-'));
-    rootDir = join(work, 'rootfs');
-    const applets = execFileSync('/bin/busybox', ['--list'], { encoding: 'utf8' }).split('\n').filter(Boolean);
-    populateBusyboxRootfs(rootDir, applets);
+    ({ work, rootDir } = vmletRunLabFixture(this, 'vmlet-run-e2e-'));
     sqfs = join(work, 'rootfs.sqfs');
     execFileSync('mksquashfs', [rootDir, sqfs, '-comp', 'zstd', '-noappend', '-quiet', '-all-root']);
   });

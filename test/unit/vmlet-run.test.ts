@@ -14,19 +14,8 @@ import { hostVirtualization, linuxGuestRefusal } from '../../shim/sandbox/host';
 import { checkLayer, checkSpec, SandboxError, virtioBlkDevice } from '../../shim/sandbox/sandbox';
 import { agentBinary, agentInitramfs } from '../../shim/sandbox/guest';
 import { populateBusyboxRootfs, runCli } from '../helpers/vmlet-cli';
-import { Writable } from 'node:stream';
+import { sink } from '../helpers/sink';
 
-function sink(): Writable & { text: () => string } {
-  const chunks: Buffer[] = [];
-  const w = new Writable({
-    write(c: Buffer, _e, cb) {
-      chunks.push(c);
-      cb();
-    },
-  }) as Writable & { text: () => string };
-  w.text = () => Buffer.concat(chunks).toString();
-  return w;
-}
 
 async function cli(args: string[]): Promise<{ code: number; out: string; err: string }> {
   const stdout = sink();

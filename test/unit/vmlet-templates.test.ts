@@ -8,7 +8,6 @@ import { spawn, spawnSync } from 'node:child_process';
 import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, rmSync, utimesSync, writeFileSync, writeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { Writable } from 'node:stream';
 import { main } from '../../shim/cli/vmlet';
 import { parsePruneArgs } from '../../shim/cli/commands/templates';
 import { UsageError } from '../../shim/cli/command';
@@ -18,21 +17,11 @@ import { createHash } from 'node:crypto';
 import { LaunchedVm, SandboxError, SandboxSpec, VmLauncher } from '../../shim/sandbox/sandbox';
 import { AgentError } from '../../shim/agent/client';
 import { KvmError, SnapshotError } from '../../native/ts/vmm';
+import { sink } from '../helpers/sink';
 
 const MiB = 1 << 20;
 const DAY_MS = 24 * 3600 * 1000;
 
-function sink(): Writable & { text: () => string } {
-  const chunks: Buffer[] = [];
-  const w = new Writable({
-    write(c: Buffer, _e, cb) {
-      chunks.push(c);
-      cb();
-    },
-  }) as Writable & { text: () => string };
-  w.text = () => Buffer.concat(chunks).toString();
-  return w;
-}
 
 async function cli(args: string[], env: Record<string, string | undefined> = {}): Promise<{ code: number; out: string; err: string }> {
   const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
