@@ -7,12 +7,17 @@
 //   test/kvm   the raw /dev/kvm of this host (test guest); skipped loudly without it
 //   test/lab   real Linux guests inside hack/kvm-lab (standard KVM); skipped loudly without it
 //
-// The lab stage (hack/kvm-lab): on the host, after the host suites, test/kvm and
-// test/lab run again inside the lab (`hack/kvm-lab run -- node test/run.mjs kvm lab`,
-// VMLET_LAB=inside), under their own time budget (VMLET_LAB_BUDGET seconds per
-// run, default 1500; a run that hangs L2 is redone up to twice), and their counts are folded into the closing line. A lab that
-// cannot start here counts those suites as skipped, a lab that breaks as failed.
-// `node test/run.mjs lab` runs only the lab stage (npm run test:lab);
+// The lab stage (hack/kvm-lab): on the host, after the host suites, each file
+// of test/kvm and test/lab runs again inside the lab, one L2 boot per file
+// (`hack/kvm-lab run -- node test/run.mjs kvm lab <file>`, VMLET_LAB=inside),
+// each under its own time budget (VMLET_LAB_BUDGET seconds, default 900), and
+// their counts are folded into the closing line. One boot per file because L2
+// (QEMU 7.2 TCG) freezes now and then at random points: a freeze then costs a
+// rerun of one file (up to three), not of the whole stage. A lab that cannot
+// start here counts those suites as skipped; a lab that breaks, or freezes in
+// every attempt of a file, as failed.
+// `node test/run.mjs lab` runs only the lab stage (npm run test:lab), and
+// `node test/run.mjs lab dist/test/lab/x.test.js ...` only those files of it;
 // VMLET_LAB=skip skips it (loudly, counted as skipped).
 import Mocha from 'mocha';
 import { readdirSync, statSync, existsSync, accessSync, constants } from 'node:fs';
@@ -42,8 +47,14 @@ function kvmStatus() {
   }
 }
 
-const only = process.argv.slice(2); // e.g. `node test/run.mjs unit kvm`
+// e.g. `node test/run.mjs unit kvm`, or `node test/run.mjs kvm lab dist/test/kvm/vm-boot.test.js`
+const args = process.argv.slice(2);
+const only = args.filter((a) => !a.endsWith('.test.js'));
+// Files named on the command line narrow their suites to those files.
+const onlyFiles = args.filter((a) => a.endsWith('.test.js')).map((f) => join(process.cwd(), f));
+for (const f of onlyFiles) if (!existsSync(f)) throw new Error(`test/run.mjs: no such test file ${f} (run npm run build first)`);
 const suites = ['unit', 'kvm', 'lab'].filter((s) => only.length === 0 || only.includes(s));
+const suiteFiles = (suite) => files(join(root, 'dist', 'test', suite)).filter((f) => onlyFiles.length === 0 || onlyFiles.includes(f));
 const inside = process.env.VMLET_LAB === 'inside';
 // On the host, test/lab runs only in the lab stage; inside the lab it runs here.
 const hostSuites = inside ? suites : suites.filter((s) => s !== 'lab');
@@ -79,7 +90,7 @@ const where = []; // one line per place VM tests ran, repeated after the closing
 
 async function countTests(suiteNames) {
   const m = new Mocha();
-  const list = suiteNames.flatMap((s) => files(join(root, 'dist', 'test', s)));
+  const list = suiteNames.flatMap(suiteFiles);
   for (const f of list) m.addFile(f);
   try {
     await m.loadFilesAsync();
@@ -99,7 +110,7 @@ const labSkipCount = labCheck !== null ? await countTests(labSuites) : 0;
 
 if (hostSuites.length > 0) {
   const mocha = new Mocha({ reporter: 'spec', timeout: 120_000, slow: 5_000 });
-  for (const s of hostSuites) for (const f of files(join(root, 'dist', 'test', s))) mocha.addFile(f);
+  for (const s of hostSuites) for (const f of suiteFiles(s)) mocha.addFile(f);
   await mocha.loadFilesAsync();
   const before = { passed, failed, skipped };
   await new Promise((done) => {
@@ -126,23 +137,38 @@ if (!inside && suites.includes('lab')) {
 }
 
 async function labStage() {
-  const budget = Number(process.env.VMLET_LAB_BUDGET ?? 1500);
-  console.log(`\n=== lab stage: test/kvm + test/lab inside hack/kvm-lab (standard KVM), budget ${budget} s ===`);
+  const budget = Number(process.env.VMLET_LAB_BUDGET ?? 900);
+  const chunks = labSuites.flatMap(suiteFiles).map((f) => f.slice(root.length + 1));
+  console.log(`\n=== lab stage: test/kvm + test/lab inside hack/kvm-lab (standard KVM), one L2 boot per file (${chunks.length}), budget ${budget} s each ===`);
   const started = Date.now();
-  // The inner runner's lines are prefixed so that its own closing line is not
-  // mistaken for this run's.
-  // --rerun-on-hang: an L2 that hangs under the suites (seen as an RCU stall
-  // with a vCPU that never answers, mostly when the host is loaded by other
-  // QEMU TCG runs) is killed and the suites run again from a fresh boot. Two
-  // reruns: one hang in each of two attempts was seen once under load; a hang
-  // is noticed within 120 s, so three attempts still fit CI's time.
-  // Three reruns since 2026-11-27: L2 under QEMU 7.2 TCG still freezes now and
-  // then with its vCPU halted and IF=1 (a lost timer wake-up in the emulator,
-  // read from the registers kvm-lab keeps), at random points of the suites.
-  const child = spawn(kvmLab, ['run', '--timeout', String(budget), '--rerun-on-hang', '3', '--', process.execPath, 'test/run.mjs', ...labSuites],
+  const total = { passed: 0, failed: 0, skipped: 0, reruns: 0 };
+  const trouble = [];
+  for (const file of chunks) {
+    const r = await labChunk(file, budget);
+    total.passed += r.passed; total.failed += r.failed; total.skipped += r.skipped; total.reruns += r.reruns;
+    if (r.trouble) trouble.push(`${file}: ${r.trouble}`);
+  }
+  passed += total.passed; failed += total.failed; skipped += total.skipped;
+  const secs = ((Date.now() - started) / 1000).toFixed(0);
+  where.push(`test/kvm + test/lab in the KVM lab (standard KVM): ${total.passed} passed, ${total.failed} failed, ${total.skipped} skipped in ${secs} s`
+    + ` over ${chunks.length} files, ${total.reruns} rerun(s) after L2 froze`);
+  for (const t of trouble) where.push(`  !!! ${t}`);
+}
+
+/** Runs one test file in a fresh L2; returns its counts (a broken or frozen lab counts as one failure). */
+async function labChunk(file, budget) {
+  const started = Date.now();
+  console.log(`\n--- lab: ${file} ---`);
+  // --rerun-on-hang: an L2 that hangs (QEMU 7.2 TCG loses L2's timer wake-up
+  // now and then: its vCPU halted with IF=1 or runs L3 at CPL3 forever, read
+  // from the registers kvm-lab keeps) is killed within 120 s and the file runs
+  // again from a fresh boot. A per-file attempt takes a minute or two, so three
+  // reruns make a file that freezes in every attempt rare enough to be a finding.
+  const child = spawn(kvmLab, ['run', '--timeout', String(budget), '--rerun-on-hang', '3', '--', process.execPath, 'test/run.mjs', ...labSuites, file],
     { cwd: root, stdio: ['ignore', 'pipe', 'pipe'] });
   let inner = null;
   let labSummary = '';
+  let reruns = 0;
   const relay = (stream, out) => {
     let buf = '';
     stream.on('data', (b) => {
@@ -151,10 +177,11 @@ async function labStage() {
       while ((nl = buf.indexOf('\n')) >= 0) {
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 1);
+        // The inner runner's lines are prefixed so that its own closing line is not mistaken for this run's.
         const m = /^(\d+) passed, (\d+) failed, (\d+) skipped$/.exec(line);
         if (m && out === process.stdout) inner = { passed: +m[1], failed: +m[2], skipped: +m[3] };
         if (/^kvm-lab: L2 (ready|not ready)/.test(line)) labSummary = line.slice('kvm-lab: '.length);
-        if (line.startsWith('kvm-lab: running the command again')) inner = null;
+        if (line.startsWith('kvm-lab: running the command again')) { inner = null; reruns++; }
         out.write(`lab| ${line}\n`);
       }
     });
@@ -162,31 +189,31 @@ async function labStage() {
   };
   relay(child.stdout, process.stdout);
   relay(child.stderr, process.stderr);
-  const code = await new Promise((res) => child.on('close', (c, sig) => res(c ?? 128)));
+  const code = await new Promise((res) => child.on('close', (c) => res(c ?? 128)));
   const secs = ((Date.now() - started) / 1000).toFixed(0);
-  if (inner) {
-    passed += inner.passed; failed += inner.failed; skipped += inner.skipped;
-    where.push(`test/kvm + test/lab in the KVM lab (standard KVM): ${inner.passed} passed, ${inner.failed} failed, ${inner.skipped} skipped in ${secs} s [${labSummary}]`);
-  }
+  const result = (counts, trouble) => {
+    console.log(`--- lab: ${file}: ${counts.passed} passed, ${counts.failed} failed, ${counts.skipped} skipped in ${secs} s [${labSummary}] ---`);
+    return { ...counts, reruns, trouble };
+  };
   if (code === 124) {
-    failed++;
-    console.log(`!!! the lab stage ran past its budget of ${budget} s and was killed: counted as 1 failure (raise VMLET_LAB_BUDGET or find the hang) !!!`);
-    where.push(`test/kvm + test/lab in the KVM lab: TIMED OUT after ${budget} s (counted as 1 failure)`);
-  } else if (!inner && code === 125 && /L2 hung under the command|L2's kernel panicked|L2 reset itself/.test(labSummary)) {
-    // Every attempt ended with the emulator itself frozen (no heartbeat from L2's
-    // own init), not with a test failing: like a host without /dev/kvm, the lab
-    // suites did not run. Said loudly and counted as skipped, never as passed.
-    skipped++;
-    console.log(`!!! SKIPPED: the KVM lab's L2 (QEMU TCG) froze in every attempt (${labSummary}); test/kvm and test/lab did NOT run inside the lab this time. The console logs and L2 registers are kept (paths above). !!!`);
-    where.push(`test/kvm + test/lab in the KVM lab: NOT RUN, the emulator froze in every attempt (counted as 1 skipped)`);
-  } else if (!inner) {
-    failed++;
-    console.log(`!!! the lab stage ended (exit ${code}) without a closing line: counted as 1 failure; see the lab| lines above !!!`);
-    where.push(`test/kvm + test/lab in the KVM lab: BROKEN (exit ${code}, no results; counted as 1 failure)`);
-  } else if (code !== 0 && inner.failed === 0 && inner.passed > 0) {
-    failed++;
-    console.log(`!!! the lab stage exited ${code} although no test failed: counted as 1 failure !!!`);
+    console.log(`!!! lab: ${file} ran past its budget of ${budget} s and was killed: counted as 1 failure (raise VMLET_LAB_BUDGET or find the hang) !!!`);
+    return result({ passed: 0, failed: 1, skipped: 0 }, `TIMED OUT after ${budget} s (counted as 1 failure)`);
   }
+  if (!inner && code === 125 && /L2 hung under the command|L2's kernel panicked|L2 reset itself/.test(labSummary)) {
+    // A file that freezes the emulator in every one of its attempts is no longer
+    // bad luck: it may be what the file does to L2, so it fails the run.
+    console.log(`!!! lab: L2 (QEMU TCG) froze in every attempt of ${file} (${labSummary}): counted as 1 failure; the console logs and L2 registers are kept (paths above) !!!`);
+    return result({ passed: 0, failed: 1, skipped: 0 }, `L2 froze in every attempt (counted as 1 failure)`);
+  }
+  if (!inner) {
+    console.log(`!!! lab: ${file} ended (exit ${code}) without a closing line: counted as 1 failure; see the lab| lines above !!!`);
+    return result({ passed: 0, failed: 1, skipped: 0 }, `BROKEN (exit ${code}, no results; counted as 1 failure)`);
+  }
+  if (code !== 0 && inner.failed === 0) {
+    console.log(`!!! lab: ${file} exited ${code} although no test failed: counted as 1 failure !!!`);
+    return result({ ...inner, failed: 1 }, `exited ${code} with no failing test (counted as 1 failure)`);
+  }
+  return result(inner, inner.failed ? `${inner.failed} failed` : undefined);
 }
 
 if (where.length > 0) console.log(`\nWhere VM tests ran:\n${where.map((w) => `  ${w}`).join('\n')}`);
