@@ -259,6 +259,8 @@ export function qemuMicrovmArgs(opts: {
   cmdline: string;
   memoryMiB?: number;
   disks?: { path: string; readOnly?: boolean; id?: string }[];
+  /** A vhost-vsock device with this guest CID (needs /dev/vhost-vsock; unique among the host's running guests). */
+  vsockCid?: number;
 }): string[] {
   const args = [
     // acpi=off: microvm then announces its virtio-mmio devices on the command
@@ -277,6 +279,7 @@ export function qemuMicrovmArgs(opts: {
     args.push('-drive', `id=d${i},file=${d.path},format=raw,if=none,cache=writeback${d.readOnly ? ',readonly=on' : ''}`);
     args.push('-device', `virtio-blk-device,drive=d${i}${d.id ? `,serial=${d.id}` : ''}`);
   });
+  if (opts.vsockCid !== undefined) args.push('-device', `vhost-vsock-device,guest-cid=${opts.vsockCid}`);
   return args;
 }
 
