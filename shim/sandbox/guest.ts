@@ -4,11 +4,12 @@
 // the tests and benchmarks (test/helpers/guest-kernel.ts re-exports these).
 import { spawnSync, execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { chmodSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, renameSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { repoRoot } from '../../native/ts/testguest';
 import { SandboxError } from './errors';
+import { FILE_HASH_CACHE, sha256File } from './file-hash';
 
 export interface GuestKernel {
   dir: string;
@@ -20,16 +21,56 @@ export interface GuestKernel {
 /**
  * The cached kernel for the current fragment/source/script, or the reason it is
  * not there. Never builds: a cold build takes ten minutes and belongs to hack/setup.
+ * The cache key is computed here exactly as hack/guest-kernel computes it
+ * (a unit test holds the two together): running the script costs a bash, a
+ * dpkg-query and a sha256sum per `vmlet run`, about a second in the lab. The
+ * script is asked only when the kernel is not there, for its message.
  */
 export function findGuestKernel(): GuestKernel | { missing: string } {
+  const dir = guestKernelDir();
+  if (dir && existsSync(join(dir, 'vmlinux')) && existsSync(join(dir, 'bzImage'))) return { dir, vmlinux: join(dir, 'vmlinux'), bzImage: join(dir, 'bzImage') };
   const script = join(repoRoot(), 'hack', 'guest-kernel');
   const r = spawnSync(script, ['--check'], { encoding: 'utf8' });
   if (r.status !== 0) {
     const why = `${r.stderr ?? ''}`.trim() || `${script} --check exited ${r.status ?? r.signal}`;
     return { missing: why };
   }
-  const dir = r.stdout.trim();
-  return { dir, vmlinux: join(dir, 'vmlinux'), bzImage: join(dir, 'bzImage') };
+  const found = r.stdout.trim();
+  return { dir: found, vmlinux: join(found, 'vmlinux'), bzImage: join(found, 'bzImage') };
+}
+
+/** hack/guest-kernel's cache directory for this checkout (built or not), or undefined when its inputs are missing. */
+export function guestKernelDir(dpkgStatus = '/var/lib/dpkg/status'): string | undefined {
+  const version = dpkgVersion(KERNEL_SOURCE_PACKAGE, dpkgStatus);
+  if (version === undefined || !existsSync(KERNEL_SOURCE_TARBALL)) return undefined;
+  const script = join(repoRoot(), 'hack', 'guest-kernel');
+  const fragment = join(repoRoot(), 'native', 'guest', 'kernel', 'vmlet.config');
+  let key: string;
+  try {
+    // { cat fragment; echo "pkg=version"; cat script; } | sha256sum
+    key = createHash('sha256').update(readFileSync(fragment)).update(`${KERNEL_SOURCE_PACKAGE}=${version}\n`).update(readFileSync(script)).digest('hex');
+  } catch {
+    return undefined;
+  }
+  return join(process.env.VMLET_CACHE || '/var/cache/vmlet', 'guest-kernel', key);
+}
+
+const KERNEL_SOURCE_PACKAGE = 'linux-source-6.1';
+const KERNEL_SOURCE_TARBALL = '/usr/src/linux-source-6.1.tar.xz';
+
+/** The Version dpkg records for a package (what `dpkg-query -W -f='${Version}'` prints), from dpkg's status file. */
+export function dpkgVersion(pkg: string, statusFile = '/var/lib/dpkg/status'): string | undefined {
+  let text: string;
+  try {
+    text = readFileSync(statusFile, 'utf8');
+  } catch {
+    return undefined;
+  }
+  const start = new RegExp(`^Package: ${pkg.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`, 'm').exec(text);
+  if (!start) return undefined;
+  const end = text.indexOf('\n\n', start.index);
+  const m = /^Version: (.+)$/m.exec(text.slice(start.index, end < 0 ? undefined : end));
+  return m ? m[1].trim() : undefined;
 }
 
 /** findGuestKernel() or a SandboxError saying how to build it. */
@@ -44,11 +85,39 @@ export function busyboxStatic(): string {
   const candidates = ['/bin/busybox', '/usr/bin/busybox'];
   const found = candidates.find((p) => existsSync(p));
   if (!found) throw new SandboxError('NO_GUEST_AGENT', `no busybox at ${candidates.join(' or ')}: install busybox-static (hack/packages.d/kernel.txt)`);
-  const file = execFileSync('file', ['-L', found], { encoding: 'utf8' });
-  if (!/statically linked|static-pie linked/.test(file)) {
-    throw new SandboxError('NO_GUEST_AGENT', `${found} is not statically linked (${file.trim()}): the guest has no libc; install busybox-static`);
-  }
+  const why = notStaticElf(found);
+  if (why) throw new SandboxError('NO_GUEST_AGENT', `${found} ${why}: the guest has no libc; install busybox-static`);
   return found;
+}
+
+/**
+ * Why `path` is not a statically linked ELF executable (it asks for a program
+ * interpreter, PT_INTERP, or is no ELF at all), or undefined if it is one.
+ * Read from the ELF header rather than with file(1), which cost a process
+ * per `vmlet run`. Static-pie binaries have no PT_INTERP either.
+ */
+export function notStaticElf(path: string): string | undefined {
+  const fd = openSync(path, 'r');
+  try {
+    const head = Buffer.alloc(64);
+    if (readSync(fd, head, 0, 64, 0) < 52 || head.readUInt32BE(0) !== 0x7f454c46) return 'is not an ELF file';
+    const is64 = head[4] === 2;
+    const le = head[5] === 1;
+    const u16 = (b: Buffer, o: number) => (le ? b.readUInt16LE(o) : b.readUInt16BE(o));
+    const u32 = (b: Buffer, o: number) => (le ? b.readUInt32LE(o) : b.readUInt32BE(o));
+    const phoff = is64 ? Number(le ? head.readBigUInt64LE(32) : head.readBigUInt64BE(32)) : u32(head, 28);
+    const phentsize = u16(head, is64 ? 54 : 42);
+    const phnum = u16(head, is64 ? 56 : 44);
+    if (phnum === 0) return 'has no program headers (not an executable)';
+    if (phentsize < 4 || phnum > 4096) return 'has a malformed ELF header';
+    const ph = Buffer.alloc(phentsize * phnum);
+    if (readSync(fd, ph, 0, ph.length, phoff) !== ph.length) return 'has truncated program headers';
+    const PT_INTERP = 3;
+    for (let i = 0; i < phnum; i++) if (u32(ph, i * phentsize) === PT_INTERP) return 'is dynamically linked (it names a program interpreter)';
+    return undefined;
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** The static agent built by `make -C native/guest` (npm run build:agent). */
@@ -105,10 +174,13 @@ function cacheRoots(): string[] {
  */
 export function agentInitramfs(agent = agentBinary): string {
   requireAgent(agent);
+  // The inputs' hashes come from a cache beside the output: hashing the agent
+  // and busybox again took ~0.2 s per `vmlet run` on the host, seconds in the lab.
+  const hashes = join(cacheRoots()[0], 'agent-initramfs', FILE_HASH_CACHE);
   const key = createHash('sha256')
     .update(INITRAMFS_LAYOUT)
-    .update(readFileSync(agent))
-    .update(readFileSync(busyboxStatic()))
+    .update(sha256File(agent, hashes))
+    .update(sha256File(busyboxStatic(), hashes))
     .digest('hex');
   let lastError: Error | undefined;
   for (const root of cacheRoots()) {

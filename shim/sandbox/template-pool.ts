@@ -14,7 +14,7 @@
 // template saw. One template per (image, cpus, memory); templateLauncher()
 // plugs this into Sandbox (a VmLauncher).
 import { randomBytes, createHash } from 'node:crypto';
-import { closeSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { addonPath } from '../../native/ts/addon';
@@ -22,7 +22,11 @@ import { SnapshotError, Vm, VmConfig, VmmError } from '../../native/ts/vmm';
 import { AgentClient, AgentError, IdentityResult } from '../agent/client';
 import { agentInitramfs, guestCmdline, requireGuestKernel } from './guest';
 import { LaunchedVm, LaunchOptions, SandboxError, SandboxSpec, virtioBlkDevice, VmLauncher, waitForAgent } from './sandbox';
+import { FILE_HASH_CACHE, sha256File } from './file-hash';
 import { Template, TemplateError, TemplateInputs, TemplateStore, templateKey, templateLog } from './template-store';
+
+// Where the file hashes of the template key are cached (re-exported for the CLI and tests).
+export { FILE_HASH_CACHE, pruneFileHashes, sha256File } from './file-hash';
 
 /**
  * Bumped when what a template directory holds, or how it is made, changes
@@ -64,108 +68,6 @@ export function isTemplateUnusable(e: unknown): boolean {
 
 /** Default bound on restore → agent answering: ~0.3 s in the lab, so far beyond it the clone is broken, not slow. */
 export const DEFAULT_RESTORE_TIMEOUT_MS = 20_000;
-
-const fileHashes = new Map<string, string>();
-
-/** Name of the on-disk hash cache inside a template root (TemplateStore ignores dot entries it does not own). */
-export const FILE_HASH_CACHE = '.file-hashes';
-
-/**
- * A file changed less than this long ago is not cached on disk: a rewrite of
- * the same size within one timestamp tick would keep its (mtime, ctime), so
- * the cache could name bytes the file no longer holds (git's "racy" entries).
- */
-const RACY_NS = 2_000_000_000n;
-
-/** The on-disk cache entry of a file's current version: every stat field a rewrite changes. */
-function hashCacheEntry(cacheDir: string, path: string): { file: string; id: string; changedNs: bigint } {
-  const st = statSync(path, { bigint: true });
-  const id = `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeNs}\0${st.ctimeNs}`;
-  return { file: join(cacheDir, createHash('sha256').update(id).digest('hex').slice(0, 40)), id, changedNs: st.ctimeNs > st.mtimeNs ? st.ctimeNs : st.mtimeNs };
-}
-
-/**
- * SHA-256 of a file's bytes. Memoised per (path, device, inode, size, mtime)
- * in this process, and, given a cacheDir, on disk across processes: the key
- * needs the kernel (tens of MiB), the addon and every image layer, and every
- * `vmlet run` is a new process; in the lab (TCG) hashing them took longer than
- * the restore itself.
- */
-export function sha256File(path: string, cacheDir?: string): string {
-  const st = statSync(path);
-  const memo = `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeMs}`;
-  const known = fileHashes.get(memo);
-  if (known) return known;
-  const entry = cacheDir ? hashCacheEntry(cacheDir, path) : undefined;
-  if (entry) {
-    try {
-      const cached = JSON.parse(readFileSync(entry.file, 'utf8')) as { id?: string; sha256?: string };
-      if (cached.id === entry.id && typeof cached.sha256 === 'string' && /^[0-9a-f]{64}$/.test(cached.sha256)) {
-        fileHashes.set(memo, cached.sha256);
-        return cached.sha256;
-      }
-    } catch {
-      // Absent or torn: hash the file.
-    }
-  }
-  const h = createHash('sha256');
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.allocUnsafe(1 << 20);
-    for (;;) {
-      const n = readSync(fd, buf, 0, buf.length, null);
-      if (n === 0) break;
-      h.update(buf.subarray(0, n));
-    }
-  } finally {
-    closeSync(fd);
-  }
-  const digest = h.digest('hex');
-  fileHashes.set(memo, digest);
-  if (entry && BigInt(Date.now()) * 1_000_000n - entry.changedNs > RACY_NS) {
-    try {
-      mkdirSync(cacheDir as string, { recursive: true, mode: 0o700 });
-      // Written aside and renamed: a reader never sees half an entry.
-      const tmp = `${entry.file}.${process.pid}.tmp`;
-      writeFileSync(tmp, JSON.stringify({ id: entry.id, sha256: digest }));
-      renameSync(tmp, entry.file);
-    } catch (e) {
-      templateLog.debug(`cannot cache the hash of ${path} in ${cacheDir}: ${(e as Error).message}`);
-    }
-  }
-  return digest;
-}
-
-/**
- * Drops the on-disk hash entries of files that changed or are gone (a
- * directory rootfs is converted to a new temporary image on every run).
- * Returns how many were removed.
- */
-export function pruneFileHashes(cacheDir: string): number {
-  let names: string[];
-  try {
-    names = readdirSync(cacheDir);
-  } catch {
-    return 0;
-  }
-  let removed = 0;
-  for (const n of names) {
-    const file = join(cacheDir, n);
-    let stale = true;
-    try {
-      const { id } = JSON.parse(readFileSync(file, 'utf8')) as { id: string };
-      const path = id.split('\0')[0];
-      stale = hashCacheEntry(cacheDir, path).file !== file;
-    } catch {
-      // Unreadable, or its file is gone: stale.
-    }
-    if (stale) {
-      rmSync(file, { force: true });
-      removed++;
-    }
-  }
-  return removed;
-}
 
 /**
  * What a snapshot's vCPU state depends on in the host CPU: vendor, family,

@@ -5,12 +5,13 @@
 // are in test/lab/guest-boot.test.ts). The artefact checks are SKIPPED loudly
 // when the kernel is not built (hack/setup builds it; ~10 min cold).
 import { execFileSync, spawn, spawnSync } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { strict as assert } from 'node:assert';
 import { buildBusyboxInitramfs, DONE_MARKER, findGuestKernel, GuestKernel, guestCmdline, INIT_MARKER } from '../helpers/guest-kernel';
 import { repoRoot } from '../../native/ts/testguest';
+import { busyboxStatic, dpkgVersion, guestKernelDir, notStaticElf } from '../../shim/sandbox/guest';
 
 const script = join(repoRoot(), 'hack', 'guest-kernel');
 
@@ -31,6 +32,63 @@ describe('hack/guest-kernel', () => {
       assert.equal(r.stdout, '');
     } finally {
       rmSync(empty, { recursive: true, force: true });
+    }
+  });
+
+  it('vmlet computes the same cache directory as the script, built or not (no script run per vmlet run)', () => {
+    const empty = mkdtempSync(join(tmpdir(), 'vmlet-kcache-'));
+    const saved = process.env.VMLET_CACHE;
+    try {
+      process.env.VMLET_CACHE = empty;
+      const r = spawnSync(script, ['--check'], { encoding: 'utf8' });
+      const wouldBe = /would be (\S+)\)/.exec(r.stderr);
+      assert.ok(wouldBe, `hack/guest-kernel --check said: ${r.stderr}`);
+      assert.equal(guestKernelDir(), wouldBe[1]);
+      // Not built there: the script's own reason comes back.
+      const found = findGuestKernel();
+      assert.ok('missing' in found);
+      assert.match(found.missing, /not built for this fragment\/source\/script/);
+    } finally {
+      if (saved === undefined) delete process.env.VMLET_CACHE;
+      else process.env.VMLET_CACHE = saved;
+      rmSync(empty, { recursive: true, force: true });
+    }
+  });
+
+  it('reads a package version from a dpkg status file as dpkg-query does, and nothing from a name that only starts alike', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vmlet-dpkg-'));
+    try {
+      const status = join(dir, 'status');
+      writeFileSync(status, [
+        'Package: linux-source-6.10\nStatus: install ok installed\nVersion: 9.9\n',
+        'Package: linux-source-6.1\nStatus: install ok installed\nPriority: optional\nVersion: 6.1.192-2\nDescription: x\n Version: 0\n',
+        'Package: other\nVersion: 1\n',
+      ].join('\n'));
+      assert.equal(dpkgVersion('linux-source-6.1', status), '6.1.192-2');
+      assert.equal(dpkgVersion('linux-source-6', status), undefined);
+      assert.equal(dpkgVersion('missing', status), undefined);
+      assert.equal(dpkgVersion('linux-source-6.1', join(dir, 'absent')), undefined);
+      const real = spawnSync('dpkg-query', ['-W', '-f=${Version}', 'linux-source-6.1'], { encoding: 'utf8' });
+      if (real.status === 0) assert.equal(dpkgVersion('linux-source-6.1'), real.stdout);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('tells a static ELF from a dynamic one and from a non-ELF by the program headers, as file(1) would', () => {
+    assert.equal(notStaticElf(busyboxStatic()), undefined);
+    const dynamic = process.execPath; // node is dynamically linked on Debian
+    assert.match(execFileSync('file', ['-L', dynamic], { encoding: 'utf8' }), /dynamically linked/);
+    assert.match(notStaticElf(dynamic) ?? '', /dynamically linked/);
+    const dir = mkdtempSync(join(tmpdir(), 'vmlet-elf-'));
+    try {
+      writeFileSync(join(dir, 'text'), 'not an ELF at all, but long enough to read a header from it...');
+      assert.equal(notStaticElf(join(dir, 'text')), 'is not an ELF file');
+      const head = readFileSync(busyboxStatic()).subarray(0, 64);
+      writeFileSync(join(dir, 'cut'), head); // program headers promised past the end
+      assert.equal(notStaticElf(join(dir, 'cut')), 'has truncated program headers');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
     }
   });
 
