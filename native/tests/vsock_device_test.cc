@@ -159,6 +159,24 @@ struct Guest {
     drv->Notify(1);
     while (tx.HasUsed()) tx.PopUsed();
   }
+  // Puts a packet in the TX ring without notifying: several then go with one Kick().
+  void Queue(const PacketHeader& h, const uint8_t* payload = nullptr, uint32_t payload_len = 0) {
+    uint64_t addr = kTxBufs + uint64_t(next_tx_buf++ % 32) * 0x20000;
+    EXPECT(mem.WriteObj(addr, h));
+    std::vector<Buf> bufs{{addr, sizeof h, false}};
+    if (payload_len) {
+      EXPECT(mem.Write(addr + 0x1000, payload, payload_len));
+      bufs.push_back({addr + 0x1000, payload_len, false});
+    }
+    tx.Add(bufs);
+  }
+  // Notifies TX; returns how many chains the device handed back.
+  size_t Kick() {
+    drv->Notify(1);
+    size_t n = 0;
+    for (; tx.HasUsed(); n++) tx.PopUsed();
+    return n;
+  }
   std::optional<Packet> Recv(int timeout_ms = 2000) {
     auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     while (!rx.HasUsed()) {
@@ -477,6 +495,67 @@ TEST_CASE("vsock: shutdown both ways: host EOF once, guest close answered with R
   char b;
   EXPECT(WaitReadable(host, 2000));
   EXPECT_EQ(read(host, &b, 1), 0);
+  close(host);
+  close(listener);
+}
+
+// Data packets queued before one notify go to the host socket in one write
+// (the device gathers them); their order, the bytes a full socket could not
+// take (kept by the device, then written on EPOLLOUT), and a SHUTDOWN queued
+// right behind them (EOF only after every byte, then the RST) all hold.
+TEST_CASE("vsock: packets of one notify: one ordered write, a full host socket, SHUTDOWN behind the data") {
+  Guest g;
+  std::string path = g.uds + "_21";
+  g.extra_paths.push_back(path);
+  int listener = ListenUnix(path);
+  int host = GuestConnect(g, listener, 21);
+  // More than the host socket holds (its send buffer is raised to a few MiB at most).
+  const std::vector<uint8_t> out = Pattern(12 << 20, 21);
+  std::vector<uint8_t> got;
+  std::thread reader([&] {
+    // Late, so the socket fills and the device has to keep what it cannot write.
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    got = ReadN(host, out.size() + 1, 20000);  // one more: stops at EOF
+  });
+  uint32_t host_fwd = 0, tx_cnt = 0;
+  size_t sent = 0;
+  constexpr uint32_t kChunk = 60 * 1024;
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (sent < out.size() && std::chrono::steady_clock::now() < deadline) {
+    size_t queued = 0;
+    for (int i = 0; i < 8 && sent < out.size(); i++) {
+      uint32_t credit = vsock::kHostBufAlloc - (tx_cnt - host_fwd);
+      uint32_t n = static_cast<uint32_t>(std::min<size_t>({out.size() - sent, size_t(kChunk), size_t(credit)}));
+      if (n == 0) break;
+      g.Queue(g.Header(5000, 21, vsock::kOpRw, n), out.data() + sent, n);
+      sent += n;
+      tx_cnt += n;
+      queued++;
+    }
+    // The last data packets and the close go in the same notify.
+    if (sent == out.size()) {
+      g.Queue(g.Header(5000, 21, vsock::kOpShutdown, 0, vsock::kShutdownRcv | vsock::kShutdownSend));
+      queued++;
+    }
+    // Every chain comes back within its notify, written or kept by the device.
+    if (queued) EXPECT_EQ(g.Kick(), queued);
+    if (sent == out.size()) break;
+    auto p = g.Recv(5000);
+    EXPECT(p.has_value());
+    EXPECT_EQ(p->h.op, vsock::kOpCreditUpdate);
+    host_fwd = p->h.fwd_cnt;
+  }
+  EXPECT_EQ(sent, out.size());
+  // Credit updates may still arrive while the socket drains; then the RST.
+  for (;;) {
+    auto p = g.Recv(10000);
+    EXPECT(p.has_value());
+    if (p->h.op == vsock::kOpRst) break;
+    EXPECT_EQ(p->h.op, vsock::kOpCreditUpdate);
+  }
+  reader.join();
+  EXPECT_EQ(got.size(), out.size());  // then EOF: nothing after the data
+  EXPECT(got == out);
   close(host);
   close(listener);
 }

@@ -53,6 +53,9 @@ inline constexpr uint16_t kRxQueue = 0, kTxQueue = 1, kEventQueue = 2;
 inline constexpr uint16_t kQueueSize = 256;
 // Our receive buffer per connection, advertised as buf_alloc.
 inline constexpr uint32_t kHostBufAlloc = 256 * 1024;
+// SO_SNDBUF asked for on each host socket (the kernel doubles it for its
+// bookkeeping and caps it at net.core.wmem_max without CAP_NET_ADMIN).
+inline constexpr uint32_t kHostSocketSendBuf = 1024 * 1024;
 // Largest payload we accept from or send to the guest in one packet
 // (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE). Toward the guest we also never
 // exceed the RX buffer it posted: Linux sizes its receive skb by hdr.len and
