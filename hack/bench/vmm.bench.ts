@@ -245,6 +245,10 @@ export async function run(): Promise<void> {
   // vhost-vsock CIDs are host-wide: one derived from our pid keeps parallel runs apart.
   const qemuCid = 1000 + (process.pid % 1_000_000);
   const internalStart: number[] = [];
+  // How often the guest ran out of the host's credit and asked for more: the
+  // stream is paced by how much the host end takes per wake-up.
+  const creditWaits = { ours: [] as number[], qemu: [] as number[] };
+  const vsockExits: Record<string, number>[] = [];
   const mmioExitsPerRead: number[] = [];
   const blkExitsPerRequest: number[] = [];
   try {
@@ -282,6 +286,8 @@ export async function run(): Promise<void> {
           if (got.bytes !== VSOCK_MIB << 20 || line?.fields.sent_crc32 !== got.crc)
             throw new Error(`${who} bench-vsock: host got ${got.bytes} bytes crc ${got.crc}, guest sent ${line?.fields.sent} crc ${line?.fields.sent_crc32}`);
           dst(rows[5]).push(got.bytes / 1e6 / got.seconds);
+          const stats = out.lines.find((l) => l.check === 'vsock-stats');
+          if (stats) (who === 'ours' ? creditWaits.ours : creditWaits.qemu).push(Number(stats.fields.credit_requests));
         };
         const vsockCmd = `tg.mode=bench-vsock tg.vsock_port=${VSOCK_PORT} tg.mib=${VSOCK_MIB}`;
         if (who === 'ours') {
@@ -291,6 +297,7 @@ export async function run(): Promise<void> {
             const vs = await runOurs(dir, vsockCmd, { vsock: { cid: 3, udsPath: uds } });
             assertClean(vs, 'ours bench-vsock');
             checkStream(await sink.done, vs.out);
+            if (vs.exits) vsockExits.push(vs.exits);
           } finally {
             sink.stop();
           }
@@ -316,6 +323,11 @@ export async function run(): Promise<void> {
   if (internalStart.length) console.log(`ours, inside the VMM: create -> first KVM_RUN median ${median(internalStart).toFixed(3)} ms (stats().createdNs -> firstEntryNs)`);
   if (mmioExitsPerRead.length) console.log(`ours: ${median(mmioExitsPerRead).toFixed(3)} MMIO exits per guest register read (exit counts carry over to other hosts; times do not)`);
   if (blkExitsPerRequest.length) console.log(`ours: ${median(blkExitsPerRequest).toFixed(3)} VM exits per virtio-blk request (whole bench-blk run incl. boot and serial, / requests)`);
+  if (vsockExits.length) {
+    const reasons = [...new Set(vsockExits.flatMap((e) => Object.keys(e)))].sort();
+    console.log(`ours: VM exits per bench-vsock run (${VSOCK_MIB} MiB, incl. boot and serial), medians: ${reasons.map((r) => `${r} ${median(vsockExits.map((e) => e[r] ?? 0))}`).join(', ')}`);
+  }
+  if (creditWaits.ours.length) console.log(`vsock: the guest waited for host credit ${median(creditWaits.ours)} times per ${VSOCK_MIB} MiB under ours, ${creditWaits.qemu.length ? median(creditWaits.qemu) : 'n/a'} under QEMU (medians)`);
   console.log('"ours vs QEMU": how many times better ours is (latency: QEMU/ours; rates: ours/QEMU).');
   console.log('Host: the PVM /dev/kvm of the dev machines (guest CPL0 emulated, CPL3 native): compare ratios, not absolute numbers.');
 }

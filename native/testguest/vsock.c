@@ -291,8 +291,9 @@ static int conn_pump(struct conn *c) {
     u32 credit = c->peer_buf_alloc > inflight ? c->peer_buf_alloc - inflight : 0;
     if (c->ignore_credit) credit = PAYLOAD;
     if (credit == 0) {
-      if (!c->credit_requested) {
-        tx_packet(c, c->peer_port, c->local_port, OP_CREDIT_REQUEST, 0, 0);
+      /* Only a request that made it into the ring is waited for: a full TX
+       * ring (the device has not consumed it yet) means ask again next round. */
+      if (!c->credit_requested && tx_packet(c, c->peer_port, c->local_port, OP_CREDIT_REQUEST, 0, 0) == 0) {
         vs.credit_requests_sent++;
         c->credit_requested = 1;
       }
@@ -308,8 +309,11 @@ static int conn_pump(struct conn *c) {
     tx_packet(c, c->peer_port, c->local_port, OP_CREDIT_UPDATE, 0, 0);
     vs.credit_updates_sent++;
   }
-  if (c->sent >= c->send_total && c->recvd >= c->recv_total) {
-    tx_packet(c, c->peer_port, c->local_port, OP_SHUTDOWN, SHUT_RCV | SHUT_SEND, 0);
+  /* The SHUTDOWN too: with the ring full of the last data packets it is sent
+   * on a later round, after the kick below lets the device consume them (it
+   * was lost, and the close waited out the forced-RST timeout). */
+  if (c->sent >= c->send_total && c->recvd >= c->recv_total &&
+      tx_packet(c, c->peer_port, c->local_port, OP_SHUTDOWN, SHUT_RCV | SHUT_SEND, 0) == 0) {
     c->state = C_CLOSING;
     c->close_started = rdtsc();
     progress = 1;
