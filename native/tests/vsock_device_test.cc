@@ -146,20 +146,8 @@ struct Guest {
     h.fwd_cnt = fwd_cnt;
     return h;
   }
-  // Sends header (+payload) as two descriptors, the way Linux 6.1 does.
-  void Send(const PacketHeader& h, const uint8_t* payload = nullptr, uint32_t payload_len = 0) {
-    uint64_t addr = kTxBufs + uint64_t(next_tx_buf++ % 32) * 0x20000;
-    EXPECT(mem.WriteObj(addr, h));
-    std::vector<Buf> bufs{{addr, sizeof h, false}};
-    if (payload_len) {
-      EXPECT(mem.Write(addr + 0x1000, payload, payload_len));
-      bufs.push_back({addr + 0x1000, payload_len, false});
-    }
-    tx.Add(bufs);
-    drv->Notify(1);
-    while (tx.HasUsed()) tx.PopUsed();
-  }
-  // Puts a packet in the TX ring without notifying: several then go with one Kick().
+  // Puts a packet in the TX ring without notifying (several then go with one
+  // Kick()): header and payload as two descriptors, the way Linux 6.1 does.
   void Queue(const PacketHeader& h, const uint8_t* payload = nullptr, uint32_t payload_len = 0) {
     uint64_t addr = kTxBufs + uint64_t(next_tx_buf++ % 32) * 0x20000;
     EXPECT(mem.WriteObj(addr, h));
@@ -169,6 +157,11 @@ struct Guest {
       bufs.push_back({addr + 0x1000, payload_len, false});
     }
     tx.Add(bufs);
+  }
+  // One packet, notified at once.
+  void Send(const PacketHeader& h, const uint8_t* payload = nullptr, uint32_t payload_len = 0) {
+    Queue(h, payload, payload_len);
+    Kick();
   }
   // Notifies TX; returns how many chains the device handed back.
   size_t Kick() {
