@@ -211,7 +211,7 @@ void LoadSegments(GuestMemory& mem, const Image& img, const std::vector<Segment>
       Fail("load kernel " + img.path(), "segment " + Hex(s.paddr) + ".." + Hex(s.paddr + s.memsz) +
                                             " does not fit in guest RAM (" + std::to_string(mem.total_size() >> 20) +
                                             " MiB): give the VM more memory");
-    // Fresh guest RAM is a new memfd and reads as zero, so bss needs no clearing.
+    // Fresh guest RAM (new anonymous memory or a new memfd) reads as zero, so bss needs no clearing.
     if (!mem.Write(s.paddr, img.data() + s.offset, s.filesz))
       Fail("load kernel " + img.path(), "cannot write segment at " + Hex(s.paddr));
     *start = std::min(*start, s.paddr);
