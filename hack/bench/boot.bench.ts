@@ -20,12 +20,14 @@
 //    around `exec true`: exits per run by reason, including those KVM handles
 //    without a userspace exit.
 //
-// Guest RAM: ours is a memfd (shmem, for snapshots), QEMU's anonymous memory
-// with MADV_HUGEPAGE. Whether shmem gets transparent huge pages is a host
-// setting (transparent_hugepage/shmem_enabled, `never` by default); without
-// them every 4 KiB the guest touches is a nested page fault. The header prints
-// both settings; VMLET_BENCH_SHMEM_THP=advise sets L2's for the run (the lab is
-// disposable) to measure a host tuned for it.
+// Guest RAM: both ours and QEMU's are anonymous memory with MADV_HUGEPAGE,
+// which gets transparent huge pages under the default transparent_hugepage/
+// enabled = madvise; without them every 4 KiB the guest touches is a nested
+// page fault. VMLET_GUEST_RAM=memfd puts ours in a memfd (shmem), the backing
+// before anonymous RAM: shmem gets huge pages only with transparent_hugepage/
+// shmem_enabled set (`never` by default). The header prints both settings;
+// VMLET_BENCH_SHMEM_THP=advise sets L2's shmem_enabled for the run (the lab is
+// disposable) to measure a host tuned for memfd RAM.
 //
 // Boot -> init: from just before Vm.create() / spawn('qemu-system-x86_64') to the
 // arrival of /init's first serial line in this process (ours: the 8250 log is a
@@ -428,7 +430,11 @@ export async function run(): Promise<void> {
     console.log(`kernel ${kernel.vmlinux} (PVH entry) for both, ${MEMORY_MIB} MiB, 1 vCPU; peer: ${qemuVersion}, -M microvm,acpi=off -accel kvm -cpu host`);
     console.log(`initramfs 1: busybox /init printing ${INIT_MARKER}, then the kernel's timestamp of it (${statSync(initrd).size} bytes); 2: vmlet-agent as /init + busybox (${statSync(agentInitrd).size} bytes)`);
     console.log(`QEMU's vsock: ${vhostVsock ? `vhost-vsock-device, guest-cid=${GUEST_CID}` : '!!! none: /dev/vhost-vsock is missing in L2 (hack/lab/modules.txt), so QEMU\'s guest probes one device less'}`);
-    console.log(`guest RAM: ours a memfd, shmem THP ${thpSetting('shmem_enabled')}${wantShmemThp ? ' (VMLET_BENCH_SHMEM_THP)' : ''}; QEMU anonymous, THP ${thpSetting('enabled')}`);
+    const oursRam = process.env.VMLET_GUEST_RAM === 'memfd'
+      ? `a memfd (VMLET_GUEST_RAM=memfd), shmem THP ${thpSetting('shmem_enabled')}${wantShmemThp ? ' (VMLET_BENCH_SHMEM_THP)' : ''}`
+      : `anonymous, THP ${thpSetting('enabled')}`;
+    const thpOff = process.env.VMLET_GUEST_RAM_THP === '0' ? ' (VMLET_GUEST_RAM_THP=0: no MADV_HUGEPAGE)' : '';
+    console.log(`guest RAM: ours ${oursRam}${thpOff}; QEMU anonymous, THP ${thpSetting('enabled')}`);
     if (debugfsMissing) console.log(`!!! QEMU's KVM counters are not available: ${debugfsMissing}`);
     const loadBefore = loadavg()[0];
     // Every console byte is a VM exit, and the lab's exits are slow: with the whole
