@@ -27,6 +27,7 @@ uint64_t CheckedTotal(const std::vector<std::pair<uint64_t, uint64_t>>& layout, 
   }
   return total;
 }
+
 // Maps `size` bytes starting on a 2 MiB boundary: a reservation 2 MiB larger,
 // the mapping placed over its first aligned address, the rest given back.
 // Hazard: mmap alone only promises 4 KiB alignment, and a region that starts
@@ -82,7 +83,7 @@ GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layou
     for (auto& [gpa, size] : layout) {
       // MAP_NORESERVE: guests touch a fraction of their RAM; pages come on demand.
       const int flags = fd_ >= 0 ? MAP_SHARED | MAP_NORESERVE : MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
-      uint8_t* p = MapHugeAligned(size, flags, fd_, off, "mmap guest RAM");
+      uint8_t* p = MapHugeAligned(size, flags, fd_, fd_ >= 0 ? off : 0, "mmap guest RAM");
       regions_.push_back(MemoryRegion{gpa, size, p, off});
       if (huge) madvise(p, size, MADV_HUGEPAGE);
       // Private RAM must not be inherited by a fork (Node forks for every child
