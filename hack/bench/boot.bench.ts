@@ -20,12 +20,14 @@
 //    around `exec true`: exits per run by reason, including those KVM handles
 //    without a userspace exit.
 //
-// Guest RAM: ours is a memfd (shmem, for snapshots), QEMU's anonymous memory
-// with MADV_HUGEPAGE. Whether shmem gets transparent huge pages is a host
-// setting (transparent_hugepage/shmem_enabled, `never` by default); without
-// them every 4 KiB the guest touches is a nested page fault. The header prints
-// both settings; VMLET_BENCH_SHMEM_THP=advise sets L2's for the run (the lab is
-// disposable) to measure a host tuned for it.
+// Guest RAM: both ours and QEMU's are anonymous memory with MADV_HUGEPAGE,
+// which gets transparent huge pages under the default transparent_hugepage/
+// enabled = madvise; without them every 4 KiB the guest touches is a nested
+// page fault. VMLET_GUEST_RAM=memfd puts ours in a memfd (shmem), the backing
+// before anonymous RAM: shmem gets huge pages only with transparent_hugepage/
+// shmem_enabled set (`never` by default). The header prints both settings;
+// VMLET_BENCH_SHMEM_THP=advise sets L2's shmem_enabled for the run (the lab is
+// disposable) to measure a host tuned for memfd RAM.
 //
 // Boot -> init: from just before Vm.create() / spawn('qemu-system-x86_64') to the
 // arrival of /init's first serial line in this process (ours: the 8250 log is a
@@ -83,6 +85,10 @@ interface Boot {
   kernelInitMs?: number;
   /** Ours only: stats().createdNs -> firstEntryNs. */
   vmmStartMs?: number;
+  /** Ours only: start -> Vm.create() resolved (images read, RAM filled, vCPUs set up). */
+  createMs?: number;
+  /** Ours only: start -> first KVM_RUN (CLOCK_MONOTONIC, the clock of process.hrtime). */
+  toEntryMs?: number;
 }
 
 /**
@@ -116,6 +122,7 @@ async function bootOurs(dir: string, kernel: string, initrd: string, cmdline: st
   const tap = new MarkerTap(new Socket({ fd, readable: true, writable: false }), () => void vm?.kill(), INIT_MARKER, KERNEL_CLOCK_LINE);
   const t0 = process.hrtime.bigint();
   vm = await Vm.create({ kernel, initrd, cmdline, memoryMiB: MEMORY_MIB, cpus: 1, serialLog: fifo });
+  const created = process.hrtime.bigint();
   vm.start();
   const timer = setTimeout(() => void vm.kill(), BOOT_TIMEOUT_MS);
   const exit = await vm.wait().finally(() => clearTimeout(timer));
@@ -128,6 +135,8 @@ async function bootOurs(dir: string, kernel: string, initrd: string, cmdline: st
     toInitMs: Number(tap.at - t0) / 1e6,
     kernelInitMs: kernelInitMs(tap.text),
     vmmStartMs: st.firstEntryNs !== undefined && st.createdNs !== undefined ? Number(st.firstEntryNs - st.createdNs) / 1e6 : undefined,
+    createMs: Number(created - t0) / 1e6,
+    toEntryMs: st.firstEntryNs !== undefined ? Number(st.firstEntryNs - t0) / 1e6 : undefined,
   };
 }
 
@@ -428,7 +437,11 @@ export async function run(): Promise<void> {
     console.log(`kernel ${kernel.vmlinux} (PVH entry) for both, ${MEMORY_MIB} MiB, 1 vCPU; peer: ${qemuVersion}, -M microvm,acpi=off -accel kvm -cpu host`);
     console.log(`initramfs 1: busybox /init printing ${INIT_MARKER}, then the kernel's timestamp of it (${statSync(initrd).size} bytes); 2: vmlet-agent as /init + busybox (${statSync(agentInitrd).size} bytes)`);
     console.log(`QEMU's vsock: ${vhostVsock ? `vhost-vsock-device, guest-cid=${GUEST_CID}` : '!!! none: /dev/vhost-vsock is missing in L2 (hack/lab/modules.txt), so QEMU\'s guest probes one device less'}`);
-    console.log(`guest RAM: ours a memfd, shmem THP ${thpSetting('shmem_enabled')}${wantShmemThp ? ' (VMLET_BENCH_SHMEM_THP)' : ''}; QEMU anonymous, THP ${thpSetting('enabled')}`);
+    const oursRam = process.env.VMLET_GUEST_RAM === 'memfd'
+      ? `a memfd (VMLET_GUEST_RAM=memfd), shmem THP ${thpSetting('shmem_enabled')}${wantShmemThp ? ' (VMLET_BENCH_SHMEM_THP)' : ''}`
+      : `anonymous, THP ${thpSetting('enabled')}`;
+    const thpOff = process.env.VMLET_GUEST_RAM_THP === '0' ? ' (VMLET_GUEST_RAM_THP=0: no MADV_HUGEPAGE)' : '';
+    console.log(`guest RAM: ours ${oursRam}${thpOff}; QEMU anonymous, THP ${thpSetting('enabled')}`);
     if (debugfsMissing) console.log(`!!! QEMU's KVM counters are not available: ${debugfsMissing}`);
     const loadBefore = loadavg()[0];
     // Every console byte is a VM exit, and the lab's exits are slow: with the whole
@@ -462,6 +475,12 @@ export async function run(): Promise<void> {
       console.log(row('kernel clock at /init (its printk "Run /init")', ok(ours[c]), ok(qemu[c])));
       const before = (b: Boot[]): number[] => b.flatMap((x) => (x.kernelInitMs === undefined ? [] : [x.toInitMs - x.kernelInitMs]));
       console.log(row('start -> guest clock starts (the two above)', before(ours[c]), before(qemu[c])));
+      // Ours split where the guest's first instruction runs: what the VMM costs
+      // before it, and what the guest's earliest boot (no clock yet) costs after.
+      const split = (f: (b: Boot) => number | undefined): number[] => ours[c].flatMap((b) => (f(b) === undefined ? [] : [f(b)!]));
+      console.log(row('  of which start -> Vm.create() resolved (ours)', split((b) => b.createMs), []));
+      console.log(row('  of which start -> first KVM_RUN (ours)', split((b) => b.toEntryMs), []));
+      console.log(row('  of which first KVM_RUN -> guest clock (ours)', split((b) => (b.toEntryMs === undefined || b.kernelInitMs === undefined ? undefined : b.toInitMs - b.kernelInitMs - b.toEntryMs)), []));
     });
     console.log(`  agent initramfs, cmdline "${agentCmdline}"`);
     console.log(row('start -> agent ready (its vsock listener up)', oursAgent.map((b) => b.toReadyMs), qemuAgent.map((b) => b.toReadyMs)));

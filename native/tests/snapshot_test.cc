@@ -3,6 +3,7 @@
 // VmmError(Snapshot), a fingerprint of another CPU is refused, and the memory
 // file holds only non-zero pages and maps back copy-on-write.
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -58,6 +59,24 @@ struct TempDir {
   }
   ~TempDir() { (void)!system(("rm -rf '" + path + "'").c_str()); }
 };
+
+std::string FileBytes(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw testing::Failure("cannot open " + path);
+  std::string out;
+  char buf[65536];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof buf)) > 0) out.append(buf, size_t(n));
+  close(fd);
+  return out;
+}
+
+// Whether the page at `p` is in memory (mincore); a snapshot must not populate RAM it skips.
+bool Resident(const uint8_t* p) {
+  unsigned char v = 0;
+  if (mincore(const_cast<uint8_t*>(p), 4096, &v) != 0) throw testing::Failure("mincore failed");
+  return v & 1;
+}
 
 }  // namespace
 
@@ -269,4 +288,55 @@ TEST_CASE("snapshot: the memory file holds only non-zero pages, checks out, and 
   // A memory file shorter than the layout is refused.
   EXPECT_EQ(truncate(again.c_str(), 1 << 20), 0);
   EXPECT_THROWS(GuestMemory(layout, GuestMemory::PrivateFile{again}));
+}
+
+TEST_CASE("snapshot: anonymous RAM writes only its non-zero pages, the same file as memfd RAM, and never reads untouched pages") {
+  TempDir tmp;
+  const uint64_t high = 4ull << 30;
+  std::vector<std::pair<uint64_t, uint64_t>> layout{{0, 16 << 20}, {high, 8 << 20}};
+  GuestMemory anon(layout, RamBacking::Anonymous);
+  GuestMemory memfd(layout, RamBacking::Memfd);
+  EXPECT(anon.anonymous());
+  const std::vector<uint64_t> written{0x0, 0x5000, (2ull << 20) - 4096, 2ull << 20, (16ull << 20) - 8, high + 0x10000,
+                                      high + (8ull << 20) - 4096};
+  uint64_t written_pages = 0;
+  // Pages spread over both regions, a run across a 2 MiB boundary, the last
+  // page of each region, and pages written then zeroed (populated, not data).
+  auto both = [&](uint64_t gpa, uint64_t v) {
+    EXPECT(anon.WriteObj(gpa, v));
+    EXPECT(memfd.WriteObj(gpa, v));
+  };
+  for (uint64_t gpa : written) {
+    both(gpa, gpa * 2654435761u + 1);
+    written_pages++;
+  }
+  both(0x9000, 5);
+  both(0x9000, 0);
+  both(high + (3ull << 20), 9);
+  both(high + (3ull << 20), 0);
+  // 12 MiB in, untouched: 2 MiB frames away from any write, so no huge page covers it.
+  const uint8_t* untouched = anon.regions()[0].host + (12ull << 20);
+  EXPECT(!Resident(untouched));
+
+  MemoryFileInfo a = WriteMemoryFile(anon, tmp.path + "/anon");
+  MemoryFileInfo m = WriteMemoryFile(memfd, tmp.path + "/memfd");
+  EXPECT_EQ(a.logical_bytes, 24ull << 20);
+  EXPECT_EQ(a.data_bytes, written_pages * 4096);
+  EXPECT_EQ(a.data_bytes, m.data_bytes);
+  EXPECT_EQ(a.crc, m.crc);
+  EXPECT_EQ(MemoryFileCrc(tmp.path + "/anon"), a.crc);
+  EXPECT(a.allocated_bytes <= 512ull * 1024);  // sparse
+  EXPECT(FileBytes(tmp.path + "/anon") == FileBytes(tmp.path + "/memfd"));
+  EXPECT(!Resident(untouched));  // found without reading it
+
+  // Restores like any snapshot: every written value back at its address.
+  GuestMemory restored(layout, GuestMemory::PrivateFile{tmp.path + "/anon"});
+  for (uint64_t gpa : written) {
+    uint64_t v = 0;
+    EXPECT(restored.ReadObj(gpa, &v));
+    EXPECT_EQ(v, gpa * 2654435761u + 1);
+  }
+  uint64_t z = 1;
+  EXPECT(restored.ReadObj(0x9000, &z));
+  EXPECT_EQ(z, 0u);
 }

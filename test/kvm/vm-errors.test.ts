@@ -6,7 +6,7 @@ import { statSync, writeFileSync, readdirSync } from 'node:fs';
 import { Vm, VmConfig, BootError, DeviceError, InvalidArgumentError, KvmError, VmmError, addonPath } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import { asm, writeImage } from './vm-images';
-import { Scratch } from './vm-helpers';
+import { Scratch, usage } from './vm-helpers';
 
 describe('vm creation errors on /dev/kvm', function () {
   let scratch: Scratch;
@@ -21,6 +21,7 @@ describe('vm creation errors on /dev/kvm', function () {
   const config = (over: Partial<VmConfig>): VmConfig => ({ kernel: good, memoryMiB: 16, cpus: 1, serialLog: scratch.path('serial.log'), ...over });
   const rejects = async (c: VmConfig, cls: typeof VmmError, pattern: RegExp): Promise<void> => {
     const fdsBefore = readdirSync('/proc/self/fd').length;
+    const ramBefore = usage().guestRamMappings;
     await assert.rejects(Vm.create(c), (e: unknown) => {
       assert.ok(e instanceof cls, `expected ${cls.name}, got ${String(e)}`);
       assert.match((e as Error).message, pattern);
@@ -28,6 +29,8 @@ describe('vm creation errors on /dev/kvm', function () {
     });
     // A failed creation releases what it had opened (KVM, VM, memfd, serial log).
     assert.equal(readdirSync('/proc/self/fd').length, fdsBefore, 'no fd left behind');
+    // Anonymous guest RAM holds no fd: its mapping is looked for itself.
+    assert.equal(usage().guestRamMappings, ramBefore, 'no guest RAM left mapped');
   };
 
   it('a missing kernel file', async () => {
@@ -90,5 +93,31 @@ describe('vm creation errors on /dev/kvm', function () {
     writeFileSync(disk, Buffer.alloc(4096));
     const disks = Array.from({ length: 20 }, () => ({ path: disk, readOnly: true }));
     await rejects(config({ disks }), InvalidArgumentError, /more than 19 virtio devices: GSIs 5\.\.23 are all taken/);
+  });
+
+  it('an unknown guest RAM backing in VMLET_GUEST_RAM', async () => {
+    process.env.VMLET_GUEST_RAM = 'hugetlbfs';
+    try {
+      await rejects(config({}), InvalidArgumentError, /VMLET_GUEST_RAM is 'hugetlbfs'; set it to 'anonymous' \(the default\) or 'memfd', or unset it/);
+    } finally {
+      delete process.env.VMLET_GUEST_RAM;
+    }
+  });
+
+  it('memfd guest RAM on request (VMLET_GUEST_RAM=memfd) runs a guest like anonymous RAM', async () => {
+    const memfdsBefore = usage().memfds;
+    process.env.VMLET_GUEST_RAM = 'memfd';
+    try {
+      const vm = await Vm.create(config({ kernel: writeImage(scratch.path('exit0.elf'), [...asm.movEax(0), ...asm.exitWithEax, ...asm.haltForever]) }));
+      try {
+        assert.equal(usage().memfds, memfdsBefore + 1, 'guest RAM in a memfd');
+        vm.start();
+        assert.deepEqual(await vm.wait(), { reason: 'guest-exit', code: 0 });
+      } finally {
+        await vm.kill();
+      }
+    } finally {
+      delete process.env.VMLET_GUEST_RAM;
+    }
   });
 });

@@ -1,6 +1,6 @@
 // A VM's resources are released when it ends, not by the garbage collector:
 // after 20 VMs in sequence and 4 at once from this process, the counts of fds,
-// threads and guest-RAM memfds are back where they were and RSS has not grown
+// threads and guest-RAM mappings (anonymous; memfds too) are back where they were and RSS has not grown
 // beyond noise. Each guest touches 8 MiB of its RAM so a leaked mapping would
 // show up as ~8 MiB of RSS per VM.
 import { strict as assert } from 'node:assert';
@@ -35,7 +35,7 @@ describe('vm resource release on /dev/kvm', function () {
     assert.deepEqual(await exitWithin(vm, 30_000), { reason: 'guest-exit', code: 0 });
   };
 
-  it('20 VMs in sequence and 4 at once leave no fds, threads, memfds or RSS behind', async () => {
+  it('20 VMs in sequence and 4 at once leave no fds, threads, guest RAM or RSS behind', async () => {
     // Warm-up: the addon loads and libuv starts its worker pool on first use.
     await runOne(-1, 2);
     await runOne(-2, 1);
@@ -43,7 +43,7 @@ describe('vm resource release on /dev/kvm', function () {
     for (let i = 0; i < 20; i++) {
       await runOne(i, i % 2 ? 2 : 1);
       const now = usage();
-      assert.equal(now.memfds, before.memfds, `guest RAM released before wait() resolved (VM ${i})`);
+      assert.equal(now.guestRamMappings, before.guestRamMappings, `guest RAM released before wait() resolved (VM ${i})`);
     }
     const afterSequence = usage();
     await Promise.all([0, 1, 2, 3].map((i) => runOne(100 + i, 2)));
@@ -54,24 +54,28 @@ describe('vm resource release on /dev/kvm', function () {
       assert.equal(u.vcpuThreads, 0, 'vCPU threads');
       assert.equal(u.threads, before.threads, 'threads');
       assert.equal(u.memfds, before.memfds, 'memfds');
+      assert.equal(u.guestRamMappings, before.guestRamMappings, 'guest RAM mappings');
       // 24 leaked VMs would be ~190 MiB; JS heap noise stays well under 24 MiB.
       assert.ok(u.rssKiB - before.rssKiB < 24 * 1024, `RSS grew by ${u.rssKiB - before.rssKiB} KiB`);
     }
   });
 
-  it('a VM alive holds its memfd and vCPU threads; killing it releases them', async () => {
+  it('a VM alive holds its guest RAM and vCPU threads; killing it releases them', async () => {
     const before = usage();
     const vm = await Vm.create({ kernel: writeImage(scratch.path('halt.elf'), asm.haltForever), memoryMiB: 64, cpus: 3, serialLog: scratch.path('halt.log') });
     try {
       vm.start();
       const during = usage();
-      assert.equal(during.memfds, before.memfds + 1, 'one memfd of guest RAM');
+      // 64 MiB is one region below the MMIO hole: one mapping; booted RAM is anonymous, no memfd.
+      assert.equal(during.guestRamMappings, before.guestRamMappings + 1, 'one mapping of guest RAM');
+      assert.equal(during.memfds, before.memfds, 'no memfd');
       assert.equal(during.vcpuThreads, before.vcpuThreads + 3, 'one thread per vCPU');
     } finally {
       await vm.kill();
     }
     const after = usage();
     assert.equal(after.memfds, before.memfds);
+    assert.equal(after.guestRamMappings, before.guestRamMappings);
     assert.equal(after.vcpuThreads, before.vcpuThreads);
     assert.equal(after.fds, before.fds);
   });

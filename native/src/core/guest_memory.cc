@@ -13,6 +13,7 @@ namespace vmlet {
 
 namespace {
 constexpr uint64_t kPage = 4096;
+constexpr uint64_t kHugePage = 2ull << 20;
 
 // The total size of a layout of page-aligned, non-empty, non-wrapping regions.
 uint64_t CheckedTotal(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const char* op) {
@@ -26,39 +27,78 @@ uint64_t CheckedTotal(const std::vector<std::pair<uint64_t, uint64_t>>& layout, 
   }
   return total;
 }
-}  // namespace
 
-GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const std::string& name) {
-  total_ = CheckedTotal(layout, "create guest memory");
-  fd_ = memfd_create(name.c_str(), MFD_CLOEXEC);
-  if (fd_ < 0) throw SysError(ErrorKind::Memory, "memfd_create for guest RAM");
-  if (ftruncate(fd_, static_cast<off_t>(total_)) != 0) {
-    auto e = SysError(ErrorKind::Memory, "size guest RAM memfd", std::to_string(total_) + " bytes");
-    close(fd_);
+// Maps `size` bytes starting on a 2 MiB boundary: a reservation 2 MiB larger,
+// the mapping placed over its first aligned address, the rest given back.
+// Hazard: mmap alone only promises 4 KiB alignment, and a region that starts
+// mid-way through a 2 MiB frame can use no huge page at all when gpa and host
+// address are not congruent modulo 2 MiB (every RAM region's gpa is aligned).
+uint8_t* MapHugeAligned(uint64_t size, int flags, int fd, uint64_t offset, const char* op) {
+  if (size > (1ull << 46))
+    throw VmmError(ErrorKind::Memory, op, std::to_string(size) + " bytes is more than this host's address space allows");
+  const uint64_t span = size + kHugePage;
+  void* base = mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED) throw SysError(ErrorKind::Memory, op, "reserve " + std::to_string(span) + " bytes");
+  const uint64_t b = reinterpret_cast<uint64_t>(base);
+  const uint64_t aligned = (b + kHugePage - 1) & ~(kHugePage - 1);
+  void* p = mmap(reinterpret_cast<void*>(aligned), size, PROT_READ | PROT_WRITE, flags | MAP_FIXED, fd,
+                 static_cast<off_t>(offset));
+  if (p == MAP_FAILED) {
+    auto e = SysError(ErrorKind::Memory, op, std::to_string(size) + " bytes");
+    munmap(base, span);
     throw e;
   }
-  uint64_t off = 0;
-  for (auto& [gpa, size] : layout) {
-    // MAP_NORESERVE: guests touch a fraction of their RAM; pages come on demand.
-    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd_, static_cast<off_t>(off));
-    if (p == MAP_FAILED) {
-      auto e = SysError(ErrorKind::Memory, "mmap guest RAM", std::to_string(size) + " bytes");
-      for (auto& r : regions_) munmap(r.host, r.size);
+  if (aligned > b) munmap(base, aligned - b);
+  const uint64_t end = aligned + size;
+  if (b + span > end) munmap(reinterpret_cast<void*>(end), b + span - end);
+  return static_cast<uint8_t*>(p);
+}
+}  // namespace
+
+GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, RamBacking backing,
+                         const std::string& name) {
+  total_ = CheckedTotal(layout, "create guest memory");
+  if (backing == RamBacking::Memfd) {
+    fd_ = memfd_create(name.c_str(), MFD_CLOEXEC);
+    if (fd_ < 0) throw SysError(ErrorKind::Memory, "memfd_create for guest RAM");
+    if (ftruncate(fd_, static_cast<off_t>(total_)) != 0) {
+      auto e = SysError(ErrorKind::Memory, "size guest RAM memfd", std::to_string(total_) + " bytes");
       close(fd_);
       throw e;
     }
-    // Huge pages where the host allows them for shmem (transparent_hugepage/
-    // shmem_enabled = advise, within_size or always): KVM then maps RAM with
-    // 2 MiB NPT/EPT entries, and a Linux boot to the agent takes ~20 nested page
-    // faults instead of ~7,000 (hack/bench/boot.bench.ts in the lab: ~10,000
-    // KVM exits down to ~2,600). The default `never` makes this a no-op, and a
-    // refusal only loses the speed-up.
-    // VMLET_GUEST_RAM_THP=0 turns it off (to measure without it). The KVM lab
-    // hangs once blamed on it came from multi-threaded TCG (hack/lab/README.md).
-    const char* thp = getenv("VMLET_GUEST_RAM_THP");
-    if (!(thp && std::string(thp) == "0")) madvise(p, size, MADV_HUGEPAGE);
-    regions_.push_back(MemoryRegion{gpa, size, static_cast<uint8_t*>(p), off});
-    off += size;
+  }
+  // Huge pages where the host allows them (anonymous: transparent_hugepage/
+  // enabled = madvise, Debian's default, or always; a memfd: shmem_enabled =
+  // advise or better, `never` by default): KVM then maps RAM with 2 MiB
+  // NPT/EPT entries, and a Linux boot to the agent takes ~20 nested page faults
+  // instead of ~7,000 (hack/bench/boot.bench.ts in the lab: ~8,000 KVM exits
+  // down to ~1,500). A refusal only loses the speed-up. The cost: a guest that
+  // touches one byte of a 2 MiB range gets the whole range.
+  // VMLET_GUEST_RAM_THP=0 turns it off (to measure without it). The KVM lab
+  // hangs once blamed on it came from multi-threaded TCG (hack/lab/README.md).
+  const char* thp = getenv("VMLET_GUEST_RAM_THP");
+  const bool huge = !(thp && std::string(thp) == "0");
+  uint64_t off = 0;
+  try {
+    for (auto& [gpa, size] : layout) {
+      // MAP_NORESERVE: guests touch a fraction of their RAM; pages come on demand.
+      const int flags = fd_ >= 0 ? MAP_SHARED | MAP_NORESERVE : MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+      uint8_t* p = MapHugeAligned(size, flags, fd_, fd_ >= 0 ? off : 0, "mmap guest RAM");
+      regions_.push_back(MemoryRegion{gpa, size, p, off});
+      if (huge) madvise(p, size, MADV_HUGEPAGE);
+      // Private RAM must not be inherited by a fork (Node forks for every child
+      // process it spawns): the fork would make every guest page copy-on-write
+      // in this process until the child execs, so guest writes meanwhile fault
+      // and copy, and a page pinned for KVM or I/O could be split from the
+      // guest's view. Shared memfd pages have no such hazard.
+      if (fd_ < 0 && madvise(p, size, MADV_DONTFORK) != 0)
+        throw SysError(ErrorKind::Memory, "exclude guest RAM from fork (MADV_DONTFORK)", std::to_string(size) + " bytes");
+      off += size;
+    }
+  } catch (...) {
+    for (auto& r : regions_) munmap(r.host, r.size);
+    if (fd_ >= 0) close(fd_);
+    throw;
   }
 }
 
@@ -84,6 +124,8 @@ GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layou
       throw e;
     }
     regions_.push_back(MemoryRegion{gpa, size, static_cast<uint8_t*>(p), off});
+    // Private like anonymous RAM: a fork would make it copy-on-write here too.
+    madvise(p, size, MADV_DONTFORK);
     off += size;
   }
   // The mappings keep the file; no fd needs to stay open per VM.

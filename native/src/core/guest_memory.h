@@ -7,8 +7,13 @@
 // range [gpa, gpa+len) with overflow-safe arithmetic first, and a range that
 // crosses a region boundary is refused (regions are not contiguous on the host).
 //
-// RAM is backed by a memfd (MAP_SHARED) so a snapshot can later write it out
-// or map it copy-on-write without copying up front.
+// A booted VM's RAM is anonymous memory (MAP_PRIVATE|MAP_ANONYMOUS): it gets
+// transparent huge pages under the host's default THP setting (`enabled` =
+// madvise), which a memfd does not (shmem_enabled is `never` by default), and
+// without them every 4 KiB the guest touches is a nested page fault. A memfd
+// (RamBacking::Memfd) stays available for callers that need RAM as a file.
+// A snapshot writes either kind out (snapshot/memory.cc); a restored VM maps
+// that file copy-on-write (PrivateFile).
 #pragma once
 #include <atomic>
 #include <cstddef>
@@ -25,7 +30,14 @@ struct MemoryRegion {
   uint64_t gpa = 0;     // guest physical start
   uint64_t size = 0;    // bytes
   uint8_t* host = nullptr;
-  uint64_t fd_offset = 0;  // offset of this region in the backing memfd
+  // Offset of this region in the RAM's file layout (region i at the sum of the
+  // sizes before it): the memfd's offset, the snapshot memory file's offset.
+  uint64_t fd_offset = 0;
+};
+
+enum class RamBacking {
+  Anonymous,  // private anonymous memory, huge pages where THP allows (the default)
+  Memfd,      // one shared memfd for all regions; fd() is its descriptor
 };
 
 // A checked view of guest memory: valid only while the GuestMemory lives.
@@ -36,9 +48,13 @@ struct GuestSpan {
 
 class GuestMemory {
  public:
-  // Layout: the caller passes (gpa, size) pairs; all are carved from one memfd.
+  // Layout: the caller passes (gpa, size) pairs, each mapped on its own.
   // Sizes must be page multiples. Throws VmmError(Memory) on failure.
+  // Each region's host mapping starts on a 2 MiB boundary so that THP (and
+  // KVM's 2 MiB stage-2 entries, which need gpa and host address congruent
+  // modulo 2 MiB) can cover it. MADV_HUGEPAGE unless VMLET_GUEST_RAM_THP=0.
   explicit GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout,
+                       RamBacking backing = RamBacking::Anonymous,
                        const std::string& name = "vmlet-guest-ram");
   // A restored VM's RAM: each region mapped MAP_PRIVATE from `path` at its
   // offset in the layout (copy-on-write: a page is read from the file when
@@ -55,9 +71,11 @@ class GuestMemory {
   GuestMemory& operator=(const GuestMemory&) = delete;
 
   const std::vector<MemoryRegion>& regions() const { return regions_; }
+  // The memfd (RamBacking::Memfd only); -1 for anonymous and private-file RAM.
   int fd() const { return fd_; }
   uint64_t total_size() const { return total_; }
   bool private_file() const { return private_file_; }
+  bool anonymous() const { return fd_ < 0 && !private_file_; }
 
   // The single checked translation. nullopt when any byte of the range is
   // outside one region, or gpa+len overflows. len == 0 is valid only inside RAM.

@@ -37,6 +37,18 @@ uint64_t NowNs() {
   return uint64_t(ts.tv_sec) * 1000000000ull + uint64_t(ts.tv_nsec);
 }
 
+// A booted VM's RAM is anonymous (huge pages under the host's default THP
+// setting, core/guest_memory.h). VMLET_GUEST_RAM=memfd puts it in a memfd as
+// before, to measure the two against each other (hack/bench/boot.bench.ts);
+// any other value is refused rather than silently ignored.
+RamBacking BootRamBacking() {
+  const char* v = getenv("VMLET_GUEST_RAM");
+  if (!v || !*v || std::string(v) == "anonymous") return RamBacking::Anonymous;
+  if (std::string(v) == "memfd") return RamBacking::Memfd;
+  throw VmmError(ErrorKind::InvalidArgument, "choose guest RAM backing",
+                 std::string("VMLET_GUEST_RAM is '") + v + "'; set it to 'anonymous' (the default) or 'memfd', or unset it");
+}
+
 std::string Hex(uint64_t v) {
   char buf[24];
   snprintf(buf, sizeof buf, "0x%llx", static_cast<unsigned long long>(v));
@@ -159,6 +171,7 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
   if (config.memory_bytes < (2u << 20) || config.memory_bytes % 4096)
     throw VmmError(ErrorKind::InvalidArgument, "create VM",
                    "memory of " + std::to_string(config.memory_bytes) + " bytes: use at least 2 MiB, in whole pages");
+  const RamBacking backing = BootRamBacking();
   cpus_ = config.cpus;
   mask_kvm_paravirt_ = config.mask_kvm_paravirt;
   config_ = config;
@@ -189,7 +202,7 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
   // most of a VM's start and restore time. Firecracker orders it the same way.
   // (The KVM lab hangs once blamed on this order came from multi-threaded TCG.)
   if (image) mem_ = std::make_unique<GuestMemory>(boot::RamLayout(config.memory_bytes), GuestMemory::PrivateFile{image->memory_path});
-  else mem_ = std::make_unique<GuestMemory>(boot::RamLayout(config.memory_bytes));
+  else mem_ = std::make_unique<GuestMemory>(boot::RamLayout(config.memory_bytes), backing);
   uint32_t slot = 0;
   for (auto& r : mem_->regions()) {
     kvm_userspace_memory_region region{};

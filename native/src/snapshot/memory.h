@@ -2,10 +2,13 @@
 // memfd: region i at the sum of the sizes before it, so restore maps each
 // region at its offset (GuestMemory::PrivateFile).
 //
-// Only pages that hold non-zero bytes are written (holes elsewhere): for
-// memfd RAM the never-touched extents are found with SEEK_DATA/SEEK_HOLE, and
-// within the touched ones zero pages are skipped too. A restored VM's RAM
-// (a private file mapping) has no such map, so every page is looked at.
+// Only pages that hold non-zero bytes are written (holes elsewhere). The
+// never-touched parts are skipped without reading them: for anonymous RAM (a
+// booted VM's) the pages /proc/self/pagemap shows neither present nor swapped,
+// for memfd RAM the extents SEEK_DATA/SEEK_HOLE show as holes; within the
+// touched ones zero pages are skipped too. A restored VM's RAM (a private file
+// mapping) has no such map, so every page is looked at. The file is the same
+// whichever kind of RAM it came from.
 #pragma once
 #include <cstdint>
 #include <string>
