@@ -21,7 +21,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, fsyncSync, lstatSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync, unlinkSync, utimesSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
-import winston from 'winston';
+import { ComponentLog } from '../log';
 
 export const DEFAULT_TEMPLATE_ROOT = '/var/lib/vmlet/templates';
 
@@ -30,14 +30,7 @@ export function defaultTemplateRoot(): string {
   return process.env.VMLET_TEMPLATE_DIR || DEFAULT_TEMPLATE_ROOT;
 }
 
-export const templateLog = winston.createLogger({
-  level: process.env.VMLET_LOG_LEVEL ?? 'warn',
-  format: winston.format.combine(
-    winston.format.timestamp(),
-    winston.format.printf((i) => `${String(i.timestamp)} ${i.level} templates: ${String(i.message)}`),
-  ),
-  transports: [new winston.transports.Console({ stderrLevels: ['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly'] })],
-});
+export const templateLog = new ComponentLog('templates');
 
 export type TemplateErrorCode =
   /** The root cannot be created or written. */

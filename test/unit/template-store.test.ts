@@ -210,10 +210,10 @@ describe('template store: corrupt templates', function () {
     root = join(mkdtempSync(join(tmpdir(), 'vmlet-templates-')), 'root');
     store = new TemplateStore({ root, pollMs: 10 });
     warnings = [];
-    templateLog.on('data', capture);
+    templateLog.logger.on('data', capture);
   });
   afterEach(() => {
-    templateLog.off('data', capture);
+    templateLog.logger.off('data', capture);
     rmSync(join(root, '..'), { recursive: true, force: true });
   });
 

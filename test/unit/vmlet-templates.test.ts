@@ -305,10 +305,10 @@ describe('vmlet run: when a template cannot be used', function () {
     writeFileSync(guest.kernel, 'kernel');
     writeFileSync(guest.initrd, 'initrd');
     warnings = [];
-    templateLog.on('data', capture);
+    templateLog.logger.on('data', capture);
   });
   afterEach(() => {
-    templateLog.off('data', capture);
+    templateLog.logger.off('data', capture);
     rmSync(work, { recursive: true, force: true });
   });
 
