@@ -15,7 +15,6 @@ export interface CommandContext {
 
 export interface Command {
   name: string;
-  summary: string;
   /** argument synopsis after `vmlet <name>` */
   usage: string;
   options: NonNullable<ParseArgsConfig['options']>;

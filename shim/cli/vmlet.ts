@@ -2,10 +2,10 @@
 // `vmlet` command-line entry: global options, dispatch to commands/<name>.ts, error reporting.
 // Output for people and scripts goes to stdout; progress and logs to stderr.
 import { parseArgs } from 'node:util';
-import { commands } from './commands';
+import { CommandEntry, commands } from './commands';
 import { Command, CommandContext, UsageError } from './command';
 import { ImageError } from '../images/errors';
-import { defaultRoot } from '../images/image-service';
+import { defaultRoot } from '../images/root';
 import { setImagesLogLevel } from '../images/log';
 
 const GLOBAL_OPTIONS = {
@@ -15,9 +15,9 @@ const GLOBAL_OPTIONS = {
 } as const;
 const GLOBAL_WITH_VALUE = new Set(['--root']);
 
-function usage(cmd?: Command): string {
-  if (cmd) {
-    return [`usage: vmlet [--root DIR] [-v] ${cmd.name} ${cmd.usage}`.trimEnd(), '', cmd.summary, '',
+function usage(entry?: CommandEntry, cmd?: Command): string {
+  if (entry && cmd) {
+    return [`usage: vmlet [--root DIR] [-v] ${cmd.name} ${cmd.usage}`.trimEnd(), '', entry.summary, '',
       ...cmd.help.map((h) => `  ${h}`)].join('\n').trimEnd();
   }
   const width = Math.max(...commands.map((c) => c.name.length));
@@ -50,18 +50,19 @@ function findCommand(args: string[]): number {
 
 export async function main(argv: string[], io: Pick<CommandContext, 'stdout' | 'stderr'> = { stdout: process.stdout, stderr: process.stderr }): Promise<number> {
   const at = findCommand(argv);
-  const cmd = at >= 0 ? commands.find((c) => c.name === argv[at]) : undefined;
-  if (at < 0 || !cmd) {
+  const entry = at >= 0 ? commands.find((c) => c.name === argv[at]) : undefined;
+  if (at < 0 || !entry) {
     const wantsHelp = argv.includes('--help') || argv.includes('-h');
     if (at >= 0) io.stderr.write(`vmlet: unknown command '${argv[at]}'\n\n`);
     (wantsHelp && at < 0 ? io.stdout : io.stderr).write(`${usage()}\n`);
     return wantsHelp && at < 0 ? 0 : 2;
   }
   const rest = [...argv.slice(0, at), ...argv.slice(at + 1)];
+  const cmd = entry.load();
   try {
     const { values, positionals } = parseArgs({ args: rest, options: { ...GLOBAL_OPTIONS, ...cmd.options }, allowPositionals: true, strict: true });
     if (values.help === true) {
-      io.stdout.write(`${usage(cmd)}\n`);
+      io.stdout.write(`${usage(entry, cmd)}\n`);
       return 0;
     }
     const verbose = values.verbose === true;
@@ -70,7 +71,7 @@ export async function main(argv: string[], io: Pick<CommandContext, 'stdout' | '
     return await cmd.run(values, positionals, { root, verbose, ...io });
   } catch (e) {
     if (e instanceof UsageError || (e as NodeJS.ErrnoException).code?.startsWith('ERR_PARSE_ARGS')) {
-      io.stderr.write(`vmlet ${cmd.name}: ${(e as Error).message}\n\n${usage(cmd)}\n`);
+      io.stderr.write(`vmlet ${cmd.name}: ${(e as Error).message}\n\n${usage(entry, cmd)}\n`);
       return 2;
     }
     if (e instanceof ImageError) {

@@ -21,12 +21,10 @@ import { Lease, acquireGcLock } from './lock';
 import { imagesLog } from './log';
 import { loadConverter } from './converter';
 
-export const DEFAULT_ROOT = '/var/lib/vmlet';
 const MAX_CONFIG_BYTES = 8 * 1024 * 1024;
 
-export function defaultRoot(): string {
-  return process.env.VMLET_ROOT || DEFAULT_ROOT;
-}
+import { defaultRoot } from './root';
+export { DEFAULT_ROOT, defaultRoot } from './root';
 
 export type PullProgress =
   | { kind: 'resolved'; reference: string; manifestDigest: string; layers: Descriptor[] }

@@ -29,7 +29,6 @@ interface Verdict {
 
 export const check: Command = {
   name: 'check',
-  summary: 'boot a self-check microVM: KVM, virtio-blk (optionally an image\'s layers) and vsock, verified byte for byte',
   usage: '[--image REF] [--vsock-mib N] [--memory MiB]',
   options: {
     image: { type: 'string' },

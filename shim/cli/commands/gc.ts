@@ -3,7 +3,6 @@ import { ImageService } from '../../images/image-service';
 
 export const gc: Command = {
   name: 'gc',
-  summary: 'delete blobs and layers no image refers to, and leftovers of interrupted pulls',
   usage: '',
   options: {},
   help: [],

@@ -4,7 +4,6 @@ import { formatPlatform } from '../../images/platform';
 
 export const images: Command = {
   name: 'images',
-  summary: 'list the images in the local store',
   usage: '[--quiet | --json]',
   options: {
     quiet: { type: 'boolean', short: 'q' },

@@ -5,7 +5,6 @@ import { parsePlatform } from '../../images/platform';
 
 export const load: Command = {
   name: 'load',
-  summary: 'load images from an OCI layout directory or a docker-archive tar',
   usage: '[--name host/repository[:tag]] [--platform os/arch[/variant]] PATH',
   options: {
     name: { type: 'string' },

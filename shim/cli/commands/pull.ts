@@ -6,7 +6,6 @@ import { PullProgressView } from '../progress';
 
 export const pull: Command = {
   name: 'pull',
-  summary: 'pull an image from a registry into the local stores',
   usage: '[--plain-http] [--platform os/arch[/variant]] [--auth-config FILE] host[:port]/repository[:tag][@digest]',
   options: {
     'plain-http': { type: 'boolean' },

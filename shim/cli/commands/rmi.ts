@@ -3,7 +3,6 @@ import { ImageService } from '../../images/image-service';
 
 export const rmi: Command = {
   name: 'rmi',
-  summary: 'remove images, then delete the blobs and layers no image uses any more',
   usage: '[--no-prune] reference|digest...',
   options: { 'no-prune': { type: 'boolean' } },
   help: ['--no-prune   only remove the image records; leave unused content for a later vmlet gc'],

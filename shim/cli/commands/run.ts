@@ -207,7 +207,6 @@ function processSpec(req: RunRequest, rootfs: ResolvedRootfs): Omit<ExecOptions,
 
 export const run: Command = {
   name: 'run',
-  summary: 'run a command in a new microVM from a squashfs image, a directory or a stored image',
   usage: '[options] <rootfs.sqfs | dir | image> [-- cmd args...]',
   options: {
     cpus: { type: 'string' },

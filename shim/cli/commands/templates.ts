@@ -54,7 +54,6 @@ export function formatTemplates(entries: TemplateEntry[], now = Date.now()): str
 
 export const templates: Command = {
   name: 'templates',
-  summary: 'list or remove the VM templates vmlet run restores from',
   usage: 'list | prune (--all | --older-than DAYS)',
   options: {
     all: { type: 'boolean' },
