@@ -17,7 +17,7 @@ import { VmmError } from '../../../native/ts/vmm';
 import { AgentError, AgentProcess, ExecOptions, shellExitCode } from '../../agent/client';
 import { MAX_USER_SPEC } from '../../agent/protocol';
 import { ImageError } from '../../images/errors';
-import { ImageService } from '../../images/image-service';
+import type { ImageService } from '../../images/image-service';
 import type { RuntimeConfig } from '../../images/image-store';
 import { linuxGuestRefusal } from '../../sandbox/host';
 import { checkLayer, coldBoot, describeExit, MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, Sandbox, SandboxError, VmLauncher } from '../../sandbox/sandbox';
@@ -173,7 +173,11 @@ async function resolveRootfs(req: RunRequest, root: string, work: string): Promi
   }
   if (looksLikePath(name)) throw new RunFailure(`rootfs ${name} does not exist: give a squashfs file, a directory or an image reference (see vmlet images)`);
   try {
-    const { image, layers } = await new ImageService({ root }).rootfs(name);
+    // Loaded only for an image reference: the image stack is a third of this
+    // command's start-up, and a squashfs or directory rootfs does not need it.
+    // eslint-disable-next-line @typescript-eslint/no-var-requires
+    const images = require('../../images/image-service') as { ImageService: typeof ImageService };
+    const { image, layers } = await new images.ImageService({ root }).rootfs(name);
     return { layers, config: image.config, describe: `image ${image.reference}` };
   } catch (e) {
     if (e instanceof ImageError) throw new RunFailure(`${e.message} (not a file or directory either)`);
