@@ -377,8 +377,11 @@ class VirtioVsock : public VirtioDevice {
       tx_batch_.bytes += len;
       return;
     }
+    // The batch may be this connection's (its iovec array was full) and the
+    // flush may close it: c is only touched again if it still exists.
+    uint32_t local_port = c.local_port, peer_port = c.peer_port;
     FlushTxBatch();
-    if (!Find(c.local_port, c.peer_port)) return;  // the flush closed it
+    if (Find(local_port, peer_port) != &c) return;
     size_t sent = 0;
     if (c.PendingBytes() == 0) {
       std::vector<iovec>& iov = iov_;
