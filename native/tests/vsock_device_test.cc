@@ -201,6 +201,14 @@ struct Guest {
     return *p;
   }
 
+  // A host listener on `<uds>_<port>`, where the device connects the guest's
+  // streams to that port; its socket file goes with the Guest.
+  int Listen(uint32_t port) {
+    std::string path = uds + "_" + std::to_string(port);
+    extra_paths.push_back(path);
+    return ListenUnix(path);
+  }
+
   uint32_t buf_alloc = 256 * 1024;
   uint32_t fwd_cnt = 0;
   std::vector<std::string> extra_paths;
@@ -296,9 +304,7 @@ TEST_CASE("vsock: config holds the guest CID, three queues, VERSION_1") {
 
 TEST_CASE("vsock: guest connects to <uds>_<port>, data both ways byte-exact") {
   Guest g;
-  std::string path = g.uds + "_1234";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(1234);
   int host = GuestConnect(g, listener, 1234);
   Stream(g, host, 5000, 1234, Pattern(300 * 1024 + 17, 1), Pattern(500 * 1024 + 5, 2), 4096);
   close(host);
@@ -307,9 +313,7 @@ TEST_CASE("vsock: guest connects to <uds>_<port>, data both ways byte-exact") {
 
 TEST_CASE("vsock: 10 MiB each way through the rings") {
   Guest g;
-  std::string path = g.uds + "_77";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(77);
   int host = GuestConnect(g, listener, 77);
   auto t0 = std::chrono::steady_clock::now();
   Stream(g, host, 5000, 77, Pattern(10 << 20, 3), Pattern(10 << 20, 4), 64 * 1024);
@@ -322,9 +326,7 @@ TEST_CASE("vsock: 10 MiB each way through the rings") {
 TEST_CASE("vsock: the host never sends past the guest's buf_alloc") {
   Guest g;
   g.buf_alloc = 10000;
-  std::string path = g.uds + "_9";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(9);
   int host = GuestConnect(g, listener, 9);
   auto data = Pattern(50000, 9);
   EXPECT(write(host, data.data(), data.size()) == static_cast<ssize_t>(data.size()));
@@ -359,9 +361,7 @@ TEST_CASE("vsock: the host never sends past the guest's buf_alloc") {
 
 TEST_CASE("vsock: a payload never exceeds the RX buffer the guest posted") {
   Guest g(44 + 1000);  // small RX buffers
-  std::string path = g.uds + "_10";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(10);
   int host = GuestConnect(g, listener, 10);
   auto data = Pattern(20000, 10);
   EXPECT(write(host, data.data(), data.size()) == static_cast<ssize_t>(data.size()));
@@ -431,9 +431,7 @@ TEST_CASE("vsock: RST for a port with no listener and for unknown connections") 
 
 TEST_CASE("vsock: oversized packet length (hdr.len beyond the buffer) resets the connection") {
   Guest g;
-  std::string path = g.uds + "_11";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(11);
   int host = GuestConnect(g, listener, 11);
   uint8_t data[100];
   std::memset(data, 'x', sizeof data);
@@ -448,9 +446,7 @@ TEST_CASE("vsock: oversized packet length (hdr.len beyond the buffer) resets the
 
 TEST_CASE("vsock: a guest sending past the host's buf_alloc is reset") {
   Guest g;
-  std::string path = g.uds + "_12";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(12);
   int host = GuestConnect(g, listener, 12);
   // The host application never reads: the socket buffer fills, then our
   // buffer, then the guest oversteps the credit.
@@ -468,9 +464,7 @@ TEST_CASE("vsock: a guest sending past the host's buf_alloc is reset") {
 
 TEST_CASE("vsock: shutdown both ways: host EOF once, guest close answered with RST") {
   Guest g;
-  std::string path = g.uds + "_13";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(13);
   int host = GuestConnect(g, listener, 13);
   EXPECT(write(host, "bye", 3) == 3);
   shutdown(host, SHUT_WR);
@@ -498,9 +492,7 @@ TEST_CASE("vsock: shutdown both ways: host EOF once, guest close answered with R
 // right behind them (EOF only after every byte, then the RST) all hold.
 TEST_CASE("vsock: packets of one notify: one ordered write, a full host socket, SHUTDOWN behind the data") {
   Guest g;
-  std::string path = g.uds + "_21";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(21);
   int host = GuestConnect(g, listener, 21);
   // More than the host socket holds (its send buffer is raised to a few MiB at most).
   const std::vector<uint8_t> out = Pattern(12 << 20, 21);
@@ -590,9 +582,7 @@ TEST_CASE("vsock: shutdown joins the event thread with connections open") {
 
 TEST_CASE("vsock: transport reset event drops connections and reaches the event queue") {
   Guest g;
-  std::string path = g.uds + "_15";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(15);
   int host = GuestConnect(g, listener, 15);
   EXPECT(!VsockSendTransportReset(*g.dev));  // no event buffer posted yet
   EXPECT(g.mem.WriteObj<uint32_t>(0x20000, 0xffffffff));
@@ -650,9 +640,7 @@ TEST_CASE("vsock: a host client the guest never answers, or that never sends CON
 
 TEST_CASE("vsock: hostile TX: short header, foreign CID and over-cap payload dropped; a broken ring stops the device") {
   Guest g;
-  std::string path = g.uds + "_16";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(16);
   // A TX packet shorter than its header is dropped without reply.
   g.tx.Add({{kTxBufs, 20, false}});
   g.drv->Notify(1);
@@ -723,9 +711,7 @@ TEST_CASE("vsock: RX buffers too small for a header are returned empty") {
 
 TEST_CASE("vsock: a driver reset drops host connections; the device works again after re-initialisation") {
   Guest g;
-  std::string path = g.uds + "_17";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(17);
   int host = GuestConnect(g, listener, 17);
   g.drv->Write32(MmioTransport::kStatus, 0);
   char b;
@@ -761,9 +747,7 @@ TEST_CASE("vsock: a driver reset drops host connections; the device works again 
 
 TEST_CASE("vsock: random TX packets never crash or hang the device") {
   Guest g;
-  std::string path = g.uds + "_18";
-  g.extra_paths.push_back(path);
-  int listener = ListenUnix(path);
+  int listener = g.Listen(18);
   int host = GuestConnect(g, listener, 18);
   std::mt19937_64 rng(7);
   std::vector<uint8_t> payload(8192, 0x42);
@@ -802,9 +786,7 @@ TEST_CASE("vsock: devices created and shut down leave no fds, threads or socket 
   int fds = count("/proc/self/fd"), threads = count("/proc/self/task");
   for (int i = 0; i < 30; i++) {
     Guest g;
-    std::string path = g.uds + "_19";
-    g.extra_paths.push_back(path);
-    int listener = ListenUnix(path);
+    int listener = g.Listen(19);
     int host = GuestConnect(g, listener, 19);
     int client = ConnectUnix(g.uds);  // a host client mid-handshake
     close(host);
