@@ -158,9 +158,9 @@ async function runcSide(rootfs: string, work: string, failures: string[]): Promi
     for (let i = 0, failed = 0; ms.length < RUNS; i++) {
       // SIGKILL: ctr run passes SIGTERM on to its task.
       const r = timed('ctr', ['--address', address, 'run', '--rm', '--rootfs', rootfs, `vmlet-bench-${i}`, '/bin/true'], process.env, 'SIGKILL');
-      if (r.code !== 0) failures.push(`containerd log: ${log().split('\n').slice(-3).join(' | ')}`);
       if (r.code !== 0) {
         failures.push(`ctr run vmlet-bench-${i} (${process.env.VMLET_LAB === 'inside' ? 'lab' : 'host'}): exit ${r.code}: ${r.err.trim().split('\n').slice(-2).join(' | ')}`);
+        failures.push(`containerd log: ${log().split('\n').slice(-3).join(' | ')}`);
         spawnSync('ctr', ['--address', address, 'containers', 'rm', `vmlet-bench-${i}`], { stdio: 'ignore' });
         if (++failed >= 5) return `ctr run failed 5 times, last: exit ${r.code}: ${r.err}`;
         continue;

@@ -185,8 +185,15 @@ while True:
 print(n, (last - first) / 1e9 if n else 0, "%08x" % crc, flush=True)
 `;
 
+/** What a sink received: byte count, first to last byte, CRC-32 as 8 hex digits. */
+interface StreamResult {
+  bytes: number;
+  seconds: number;
+  crc: string;
+}
+
 interface StreamSink {
-  done: Promise<{ bytes: number; seconds: number; crc: string }>;
+  done: Promise<StreamResult>;
   stop(): void;
 }
 
@@ -281,7 +288,7 @@ export async function run(): Promise<void> {
           blkExitsPerRequest.push(total / (2 * BLK_RANDOM_READS + BLK_SEQ_MIB));
         }
 
-        const checkStream = (got: { bytes: number; seconds: number; crc: string }, out: TgOutput): void => {
+        const checkStream = (got: StreamResult, out: TgOutput): void => {
           const line = out.lines.find((l) => l.check === 'vsock-bench');
           if (got.bytes !== VSOCK_MIB << 20 || line?.fields.sent_crc32 !== got.crc)
             throw new Error(`${who} bench-vsock: host got ${got.bytes} bytes crc ${got.crc}, guest sent ${line?.fields.sent} crc ${line?.fields.sent_crc32}`);
