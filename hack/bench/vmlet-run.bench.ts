@@ -19,7 +19,7 @@ import { ChildProcess, spawn, spawnSync } from 'node:child_process';
 import { closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot } from '../../native/ts/testguest';
+import { repoRoot } from '../../native/ts/repo-root';
 import { busyboxStatic } from '../../shim/sandbox/guest';
 
 const RUNS = Number(process.env.VMLET_BENCH_RUNS ?? 50);

@@ -7,18 +7,10 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { crc32 as zlibCrc32 } from 'node:zlib';
 import { createConnection, createServer, Server, Socket } from 'node:net';
-import { dirname, join } from 'node:path';
+import { join } from 'node:path';
+import { repoRoot } from './repo-root';
 
-/** The repository root, found by walking up (works from dist/ and from a private build dir). */
-export function repoRoot(): string {
-  let dir = __dirname;
-  for (;;) {
-    if (existsSync(join(dir, 'package.json')) && existsSync(join(dir, 'native', 'testguest'))) return dir;
-    const up = dirname(dir);
-    if (up === dir) throw new Error(`cannot find the vmlet repository above ${__dirname}`);
-    dir = up;
-  }
-}
+export { repoRoot };
 
 export const testguestElf = join(repoRoot(), 'native', 'testguest', 'build', 'testguest.elf');
 

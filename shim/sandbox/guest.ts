@@ -7,7 +7,7 @@ import { createHash } from 'node:crypto';
 import { chmodSync, closeSync, copyFileSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, readSync, renameSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot } from '../../native/ts/testguest';
+import { repoRoot } from '../../native/ts/repo-root';
 import { SandboxError } from './errors';
 import { FILE_HASH_CACHE, sha256File } from './file-hash';
 
@@ -58,18 +58,27 @@ export function guestKernelDir(dpkgStatus = '/var/lib/dpkg/status'): string | un
 const KERNEL_SOURCE_PACKAGE = 'linux-source-6.1';
 const KERNEL_SOURCE_TARBALL = '/usr/src/linux-source-6.1.tar.xz';
 
-/** The Version dpkg records for a package (what `dpkg-query -W -f='${Version}'` prints), from dpkg's status file. */
+/**
+ * The Version dpkg records for a package (what `dpkg-query -W -f='${Version}'` prints), from dpkg's status file.
+ * The file is ~0.7 MiB on a developer host and is read on every `vmlet run`:
+ * searched as bytes (native indexOf) and only the package's stanza decoded,
+ * which costs a tenth of decoding it all and running a multiline RegExp.
+ */
 export function dpkgVersion(pkg: string, statusFile = '/var/lib/dpkg/status'): string | undefined {
-  let text: string;
+  let status: Buffer;
   try {
-    text = readFileSync(statusFile, 'utf8');
+    status = readFileSync(statusFile);
   } catch {
     return undefined;
   }
-  const start = new RegExp(`^Package: ${pkg.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}$`, 'm').exec(text);
-  if (!start) return undefined;
-  const end = text.indexOf('\n\n', start.index);
-  const m = /^Version: (.+)$/m.exec(text.slice(start.index, end < 0 ? undefined : end));
+  const header = `Package: ${pkg}\n`;
+  let at = status.indexOf(header);
+  // A match must start a line: "Package: foo" inside another field is not a stanza.
+  while (at > 0 && status[at - 1] !== 0x0a) at = status.indexOf(header, at + 1);
+  if (at < 0) return undefined;
+  const end = status.indexOf('\n\n', at);
+  const stanza = status.subarray(at, end < 0 ? undefined : end).toString('utf8');
+  const m = /^Version: (.+)$/m.exec(stanza);
   return m ? m[1].trim() : undefined;
 }
 

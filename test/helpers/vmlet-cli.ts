@@ -7,7 +7,7 @@ import { gzipSync } from 'node:zlib';
 import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { repoRoot } from '../../native/ts/testguest';
+import { repoRoot } from '../../native/ts/repo-root';
 import { agentBinary, busyboxStatic } from '../../shim/sandbox/guest';
 import { requireLabGuestKernel } from './guest-kernel';
 

@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { strict as assert } from 'node:assert';
 import { buildBusyboxInitramfs, DONE_MARKER, findGuestKernel, GuestKernel, guestCmdline, INIT_MARKER } from '../helpers/guest-kernel';
-import { repoRoot } from '../../native/ts/testguest';
+import { repoRoot } from '../../native/ts/repo-root';
 import { busyboxStatic, dpkgVersion, guestKernelDir, notStaticElf } from '../../shim/sandbox/guest';
 
 const script = join(repoRoot(), 'hack', 'guest-kernel');
@@ -60,6 +60,8 @@ describe('hack/guest-kernel', () => {
     try {
       const status = join(dir, 'status');
       writeFileSync(status, [
+        // A field continuation that looks like a stanza's first line is not one.
+        'Package: first\nVersion: 0.1\nDescription: mentions\n Package: linux-source-6.1\n Version: 0.2\n',
         'Package: linux-source-6.10\nStatus: install ok installed\nVersion: 9.9\n',
         'Package: linux-source-6.1\nStatus: install ok installed\nPriority: optional\nVersion: 6.1.192-2\nDescription: x\n Version: 0\n',
         'Package: other\nVersion: 1\n',
@@ -67,6 +69,7 @@ describe('hack/guest-kernel', () => {
       assert.equal(dpkgVersion('linux-source-6.1', status), '6.1.192-2');
       assert.equal(dpkgVersion('linux-source-6', status), undefined);
       assert.equal(dpkgVersion('missing', status), undefined);
+      assert.equal(dpkgVersion('first', status), '0.1');
       assert.equal(dpkgVersion('linux-source-6.1', join(dir, 'absent')), undefined);
       const real = spawnSync('dpkg-query', ['-W', '-f=${Version}', 'linux-source-6.1'], { encoding: 'utf8' });
       if (real.status === 0) assert.equal(dpkgVersion('linux-source-6.1'), real.stdout);
