@@ -6,10 +6,26 @@
 // the Node process alive like a child process does. Always kill() or wait().
 import { addonPath, loadAddon } from './addon';
 
-export interface DiskConfig {
+export type DiskConfig = MediumDisk | EmptyDiskSlot;
+
+/** A disk backed by a file or block device. */
+export interface MediumDisk {
   path: string;
   readOnly?: boolean;
   /** VIRTIO_BLK_T_GET_ID answer (at most 20 bytes). */
+  id?: string;
+  empty?: false;
+}
+
+/**
+ * A read-only disk with no medium: 0 sectors. A VM booted with such slots and
+ * snapshotted can be restored with a file in each slot (any size; the guest
+ * sees it through a configuration-change interrupt), so one template serves
+ * any image's layers. Restored as `{ empty: true, readOnly: true }` it stays empty.
+ */
+export interface EmptyDiskSlot {
+  empty: true;
+  readOnly: true;
   id?: string;
 }
 
@@ -80,7 +96,10 @@ export interface RestoreOptions {
   snapshot: string;
   /** File receiving the restored VM's serial output (created or truncated). */
   serialLog: string;
-  /** The snapshot's disks re-opened: same count, order, readOnly and size, else SnapshotError. */
+  /**
+   * The snapshot's disks re-opened: same count, order, readOnly and size, else
+   * SnapshotError; a slot that was empty in the snapshot takes a file of any size.
+   */
   disks?: DiskConfig[];
   /** Required when the snapshot has vsock; the guest gets a transport-reset event and re-reads the CID. */
   vsock?: { cid: number; udsPath: string };

@@ -95,7 +95,10 @@ snapshot::RestoreOptions ParseRestore(Napi::Env env, Napi::Value value) {
       if (!d.IsObject()) Invalid(env, "restore VM", "options.disks[" + std::to_string(i) + "] must be an object");
       Napi::Object dobj = d.As<Napi::Object>();
       kvm::DiskSpec spec;
-      spec.path = String(env, dobj, "path", true, "options.disks[].");
+      Napi::Value empty = dobj.Get("empty");
+      spec.empty = empty.IsBoolean() && empty.As<Napi::Boolean>().Value();
+      // A slot left empty at restore too; MakeVirtioBlk refuses a path beside it.
+      spec.path = String(env, dobj, "path", !spec.empty, "options.disks[].");
       Napi::Value ro = dobj.Get("readOnly");
       spec.read_only = ro.IsBoolean() && ro.As<Napi::Boolean>().Value();
       spec.id = String(env, dobj, "id", false, "options.disks[].");

@@ -75,7 +75,10 @@ kvm::MachineConfig ParseConfig(Napi::Env env, Napi::Value value) {
       if (!d.IsObject()) ThrowInvalid(env, "config.disks[" + std::to_string(i) + "] must be an object");
       Napi::Object dobj = d.As<Napi::Object>();
       kvm::DiskSpec spec;
-      spec.path = GetString(env, dobj, "path", true);
+      Napi::Value empty = dobj.Get("empty");
+      spec.empty = empty.IsBoolean() && empty.As<Napi::Boolean>().Value();
+      // An empty slot has no path (MakeVirtioBlk refuses one given anyway).
+      spec.path = GetString(env, dobj, "path", !spec.empty);
       Napi::Value ro = dobj.Get("readOnly");
       spec.read_only = ro.IsBoolean() && ro.As<Napi::Boolean>().Value();
       spec.id = GetString(env, dobj, "id", false);

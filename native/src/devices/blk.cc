@@ -69,7 +69,9 @@ class VirtioBlk : public VirtioDevice {
     limits_.max_segment_bytes = blk::kSizeMax;
     limits_.max_segments = blk::kSegMax + 2;
   }
-  ~VirtioBlk() override { close(fd_); }
+  ~VirtioBlk() override {
+    if (fd_ >= 0) close(fd_);
+  }
 
   uint32_t device_id() const override { return blk::kDeviceId; }
   uint64_t device_features() const override {
@@ -94,7 +96,10 @@ class VirtioBlk : public VirtioDevice {
 
   // The guest has read the capacity and the read-only bit and sized its
   // caches and filesystems by them: a restore onto another disk shape is
-  // refused rather than shown to a driver that will not look again.
+  // refused rather than shown to a driver that will not look again. The one
+  // exception is a disk that had 0 sectors (an empty slot): nothing of it can
+  // be in the guest's caches, and its driver is told the new capacity by a
+  // configuration-change interrupt once the transport re-activates it.
   void SaveState(snapshot::Writer& w) const override {
     w.U64(capacity_);
     w.Bool(read_only_);
@@ -105,7 +110,9 @@ class VirtioBlk : public VirtioDevice {
     bool ro = r.Bool();
     std::string id = r.Str(blk::kIdBytes);
     r.ExpectEnd();
-    if (capacity != capacity_)
+    if (capacity == 0 && capacity_ != 0) {
+      announce_capacity_ = true;
+    } else if (capacity != capacity_)
       throw VmmError(ErrorKind::Snapshot, "restore virtio-blk",
                      "the snapshot's disk had " + std::to_string(capacity) + " sectors, the disk given now has " +
                          std::to_string(capacity_) + ": pass a disk of the same size, in the same order");
@@ -121,6 +128,10 @@ class VirtioBlk : public VirtioDevice {
     mem_ = mem;
     queue_ = queues.empty() ? nullptr : queues[0];
     irq_ = std::move(irq);
+    // Linux's virtio_blk answers with a work item that reads the capacity
+    // again and resizes the disk (virtblk_config_changed_work).
+    if (announce_capacity_ && irq_) irq_->SignalConfigChange();
+    announce_capacity_ = false;
   }
 
   void QueueNotify(uint16_t index) override {
@@ -218,6 +229,8 @@ class VirtioBlk : public VirtioDevice {
 
   int fd_;
   uint64_t capacity_;
+  // Restored from an empty slot onto a medium: tell the driver at activation.
+  bool announce_capacity_ = false;
   bool read_only_;
   std::string id_;
   ChainLimits limits_;
@@ -231,6 +244,17 @@ class VirtioBlk : public VirtioDevice {
 
 std::shared_ptr<VirtioDevice> MakeVirtioBlk(const BlkConfig& cfg) {
   const char* op = "open virtio-blk backing file";
+  if (cfg.empty) {
+    if (!cfg.path.empty())
+      throw VmmError(ErrorKind::Device, "configure virtio-blk",
+                     "an empty disk slot has no path, but '" + cfg.path + "' was given: leave out either empty or path");
+    if (!cfg.read_only)
+      throw VmmError(ErrorKind::Device, "configure virtio-blk",
+                     "an empty disk slot is read-only (it takes image layers at restore): set readOnly");
+    if (cfg.id.size() > blk::kIdBytes)
+      throw VmmError(ErrorKind::Device, "configure virtio-blk", "id '" + cfg.id + "' is longer than 20 bytes: shorten it");
+    return std::make_shared<VirtioBlk>(-1, 0, cfg);
+  }
   if (cfg.path.empty()) throw VmmError(ErrorKind::Device, op, "no path given: set disks[].path to a disk image file");
   if (cfg.id.size() > blk::kIdBytes)
     throw VmmError(ErrorKind::Device, "configure virtio-blk",

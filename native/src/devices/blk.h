@@ -11,6 +11,12 @@ struct BlkConfig {
   std::string path;        // regular file or block device; its size / 512 is the capacity
   bool read_only = false;  // advertises VIRTIO_BLK_F_RO; writes are answered with IOERR
   std::string id;          // VIRTIO_BLK_T_GET_ID answer, at most 20 bytes
+  // A slot with no medium: no path, read-only, capacity 0. A template VM is
+  // booted with such slots so that each restore can put its own image's
+  // layers in them: a disk of 0 sectors in a snapshot may be restored onto a
+  // file of any size (the guest never read a byte of it), and the guest is
+  // told the new capacity with a configuration-change interrupt.
+  bool empty = false;
 };
 
 // Opens the backing file now, so a missing or unreadable file is reported at

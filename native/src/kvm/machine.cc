@@ -265,6 +265,7 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
     bc.path = d.path;
     bc.read_only = d.read_only;
     bc.id = d.id;
+    bc.empty = d.empty;
     add_virtio(MakeVirtioBlk(bc));
   }
   if (config.vsock) {

@@ -53,6 +53,9 @@ struct DiskSpec {
   std::string path;
   bool read_only = false;
   std::string id;
+  // A read-only disk slot with no medium (no path): capacity 0 until a
+  // restore gives it a file (see devices/blk.h).
+  bool empty = false;
 };
 struct VsockSpec {
   uint64_t guest_cid = 0;
