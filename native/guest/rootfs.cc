@@ -3,10 +3,12 @@
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <linux/loop.h>
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 namespace vmlet::agent {
@@ -79,6 +81,43 @@ bool AttachLoop(const std::string& file, std::string* dev, int* dev_fd, std::str
   return ok;
 }
 
+// A layer disk may be a slot of the template this VM was restored from, empty
+// (0 sectors) when the snapshot was taken: the host put the image's layer in
+// it at restore and raised a configuration-change interrupt, and the kernel
+// learns the new size in a work item that may not have run yet. Wait for it,
+// bounded: a slot still empty after that is a host that attached nothing.
+bool WaitForMedium(const std::string& dev, size_t index, std::string* error) {
+  int fd = open(dev.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    *error = Errno("open layer " + std::to_string(index) + " device " + dev, errno);
+    return false;
+  }
+  timespec start{};
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  for (;;) {
+    uint64_t bytes = 0;
+    if (ioctl(fd, BLKGETSIZE64, &bytes) != 0) {
+      *error = Errno("BLKGETSIZE64 " + dev, errno);
+      close(fd);
+      return false;
+    }
+    if (bytes > 0) break;
+    timespec now{};
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long long waited_ms = (now.tv_sec - start.tv_sec) * 1000LL + (now.tv_nsec - start.tv_nsec) / 1000000;
+    if (waited_ms >= kMediumWaitMs) {
+      *error = "layer " + std::to_string(index) + " device " + dev + " is an empty disk (0 bytes after " +
+               std::to_string(kMediumWaitMs) + " ms): the host attached no image to this slot";
+      close(fd);
+      return false;
+    }
+    timespec pause{0, 1000000};  // 1 ms: the work item usually runs within one tick
+    nanosleep(&pause, nullptr);
+  }
+  close(fd);
+  return true;
+}
+
 }  // namespace
 
 bool ValidRootfsName(const std::string& name) {
@@ -120,6 +159,8 @@ bool StackRootfs(const std::string& state_dir, const std::string& name, const st
       if (!AttachLoop(layer, &dev, &loop_fd, error)) return false;
     } else if (!S_ISBLK(st.st_mode)) {
       *error = "layer " + std::to_string(i) + " '" + layer + "' is neither a block device nor a regular file";
+      return false;
+    } else if (!WaitForMedium(layer, i, error)) {
       return false;
     }
     std::string mp = base + "/layers/" + std::to_string(i);

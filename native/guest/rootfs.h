@@ -20,6 +20,12 @@ bool StackRootfs(const std::string& state_dir, const std::string& name,
                  const std::vector<std::string>& layers, const std::string& upper,
                  StackedRootfs* out, std::string* error);
 
+// How long a layer on an empty block device (a template's disk slot whose
+// new size the kernel has not applied yet) is waited for before the stack
+// is refused. Generous: in the KVM lab a guest runs ~20x slower than on
+// hardware, and it only bounds the report of a host that attached nothing.
+inline constexpr long long kMediumWaitMs = 5000;
+
 // A rootfs name is one path component of [A-Za-z0-9._-], not "." or "..".
 bool ValidRootfsName(const std::string& name);
 

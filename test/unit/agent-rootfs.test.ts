@@ -3,7 +3,8 @@
 // tmpfs upper, inside a private mount namespace (`unshare -m`).
 import { strict as assert } from 'node:assert';
 import { createHash } from 'node:crypto';
-import { readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { copyFileSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { AgentClient, AgentError } from '../../shim/agent/client';
 import { buildTestLayers, rootfsPrerequisites, run, RunningAgent, startAgent } from './agent-harness';
@@ -95,5 +96,45 @@ describe('agent: rootfs stacking (squashfs layers + overlayfs, host-side in a mo
     it('an upper kind other than tmpfs: MOUNT_FAILED', () =>
       expectMountError(client.mountRootfs('e4', [layer1], 'ext4'), 'MOUNT_FAILED', /knows only 'tmpfs'/));
     it('the same name twice: BAD_REQUEST', () => expectMountError(client.mountRootfs('c1', [layer1]), 'BAD_REQUEST', /already mounted/));
+    it('a block device that stays empty (a template slot the host left empty): MOUNT_FAILED naming it, after the bounded wait', async function () {
+      this.timeout(20_000);
+      const empty = join(work, 'empty-slot');
+      writeFileSync(empty, '');
+      const dev = execFileSync('losetup', ['--find', '--show', '--read-only', empty], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+      try {
+        const t0 = Date.now();
+        await expectMountError(client.mountRootfs('e5', [dev]), 'MOUNT_FAILED', /layer 0 device \/dev\/loop\d+ is an empty disk .* attached no image/);
+        assert.ok(Date.now() - t0 >= 4_000, `refused after ${Date.now() - t0} ms: the wait is ~5 s`);
+      } finally {
+        execFileSync('losetup', ['-d', dev]);
+      }
+    });
+  });
+
+  it('a layer on a block device that gets its medium late (a restored template slot) is mounted once its size arrives', async function () {
+    this.timeout(20_000);
+    // A loop device over an empty file has 0 sectors, as a template's disk slot
+    // has until the kernel applies the configuration change the VMM raised at
+    // restore; LOOP_SET_CAPACITY (losetup -c) after the file is filled plays that part.
+    const slotFile = join(work, 'late-slot');
+    writeFileSync(slotFile, '');
+    const dev = execFileSync('losetup', ['--find', '--show', '--read-only', slotFile], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    try {
+      const mounted = client.mountRootfs('late', [dev]);
+      await new Promise((r) => setTimeout(r, 300));
+      copyFileSync(layer1, slotFile);
+      execFileSync('losetup', ['-c', dev]);
+      const merged = await mounted;
+      const r = await run(client, ['/bin/cat', '/etc/only1'], { rootfs: 'late', env });
+      assert.deepEqual(r.status, { code: 0, signal: null }, r.stderr);
+      assert.equal(r.stdout, readFileSync(join(work, 'l1', 'etc', 'only1'), 'utf8'), `merged at ${merged}`);
+    } finally {
+      // The mount keeps the loop device busy; autoclear is not set on one losetup made.
+      try {
+        execFileSync('losetup', ['-d', dev]);
+      } catch {
+        // still mounted inside the agent's namespace; it goes when the agent stops
+      }
+    }
   });
 });
