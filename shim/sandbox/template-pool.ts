@@ -6,19 +6,23 @@
 // TemplateStore (template-store.ts): made on first use, keyed by the hash of
 // their inputs, made again once when a restore calls them corrupt.
 //
-// Disks: a restore re-opens exactly the snapshot's disks (same count, order,
-// mode, size), and the guest keeps what it learnt of them at boot (virtio-blk
-// capacity, the block devices' page cache). So a template is made WITH the
-// image layers a sandbox needs, read-only, probed but not mounted, and their
-// content is part of the key: a clone can only ever see the very bytes its
-// template saw. One template per (image, cpus, memory); templateLauncher()
-// plugs this into Sandbox (a VmLauncher).
+// Disks: a restore re-opens the snapshot's disks (same count, order, mode),
+// and the guest keeps what it learnt of them at boot (virtio-blk capacity,
+// the block devices' page cache), so a disk with content must be the very
+// bytes the template saw (`disks`, content-keyed). What makes one template
+// serve every image is its empty disk slots (`diskSlots`): read-only disks of
+// 0 sectors, probed at boot, never read; each restore puts a sandbox's layers
+// in them and the guest learns their size from a configuration-change
+// interrupt (devices/blk.h), the agent waiting for it before it mounts. So a
+// template is per (kernel, agent, cpus, memory, command line); an image with
+// more layers than slots gets a template made with its layers as `disks`.
+// templateLauncher() plugs this into Sandbox (a VmLauncher).
 import { randomBytes, createHash } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { addonPath } from '../../native/ts/addon';
-import { SnapshotError, Vm, VmConfig, VmmError } from '../../native/ts/vmm';
+import { DiskConfig, SnapshotError, Vm, VmConfig, VmmError } from '../../native/ts/vmm';
 import { AgentClient, AgentError, IdentityResult } from '../agent/client';
 import { agentInitramfs, guestCmdline, requireGuestKernel } from './guest';
 import { LaunchedVm, LaunchOptions, SandboxError, SandboxSpec, virtioBlkDevice, VmLauncher, waitForAgent } from './sandbox';
@@ -33,7 +37,19 @@ export { FILE_HASH_CACHE, pruneFileHashes, sha256File } from './file-hash';
  * (e.g. the agent's state when snapshotted): older templates then get another
  * key and are made anew instead of being misread.
  */
-export const TEMPLATE_LAYOUT = 'vmlet-template/1: snapshot/ from Vm.snapshot after the agent answered PING; vsock cid 3; no disks';
+export const TEMPLATE_LAYOUT = 'vmlet-template/2: snapshot/ from Vm.snapshot after the agent answered PING; vsock cid 3; disks, then empty read-only slots';
+
+/**
+ * Empty disk slots of the templates templateLauncher() makes: how many layers
+ * an image may have and still share the one template. Each is a virtio-mmio
+ * device (GSIs 5..23 hold 19 with vsock, machine.cc); 16 covers the images
+ * commonly run (most have under 10 layers) and costs the template's boot 16
+ * virtio-blk probes, once.
+ */
+export const DEFAULT_DISK_SLOTS = 16;
+
+/** The most slots a template can have: 19 virtio-mmio devices (GSIs 5..23) less vsock. */
+export const MAX_DISK_SLOTS = 18;
 
 /** The guest's vsock CID in every template and restore (each VM's vsock is its own Unix socket). */
 const GUEST_CID = 3;
@@ -49,6 +65,11 @@ export interface TemplateSpec {
   cmdline: string;
   /** Read-only disks (image layers), attached in this order at boot and at every restore; content-keyed. */
   disks?: string[];
+  /**
+   * Empty read-only disk slots after `disks` (default 0, at most
+   * MAX_DISK_SLOTS - disks): each acquire() may put layers in them.
+   */
+  diskSlots?: number;
 }
 
 /** A restore that failed because the snapshot itself is bad: the pool makes the template anew. */
@@ -102,6 +123,7 @@ export function templateInputs(spec: TemplateSpec, hashCache?: string): Template
     vmm: sha256(addonPath),
     cpu: hostCpuFingerprint(),
     disks: (spec.disks ?? []).map(sha256).join(','),
+    diskSlots: spec.diskSlots ?? 0,
   };
 }
 
@@ -174,6 +196,14 @@ export class TemplatePool {
     this.warmTarget = opts.warm ?? 0;
     if (!Number.isInteger(this.warmTarget) || this.warmTarget < 0 || this.warmTarget > 64)
       throw new TemplateError('BAD_POOL_OPTIONS', `warm is ${String(opts.warm)}: keep 0 to 64 clones warm`);
+    const slots = this.spec.diskSlots ?? 0;
+    const fixed = this.spec.disks?.length ?? 0;
+    if (!Number.isInteger(slots) || slots < 0 || fixed + slots > MAX_DISK_SLOTS)
+      throw new TemplateError('BAD_POOL_OPTIONS', `diskSlots is ${String(this.spec.diskSlots)} beside ${fixed} disk(s): a template holds at most ${MAX_DISK_SLOTS} disks in all`);
+    // A warm clone is restored before anyone says which layers it gets, and a
+    // slot can be filled only at restore: it would always start empty.
+    if (slots > 0 && this.warmTarget > 0)
+      throw new TemplateError('BAD_POOL_OPTIONS', 'warm clones cannot take layers into disk slots (a slot is filled at restore): use warm with diskSlots 0');
   }
 
   /** The template's inputs now, the files' hashes cached beside the templates. */
@@ -196,8 +226,12 @@ export class TemplatePool {
    * A VM restored from the template, running, its agent connected and its
    * identity fresh (own RNG state, the host's wall clock, `hostname`).
    */
-  async acquire(opts: { hostname?: string; stateDir?: string; signal?: AbortSignal } = {}): Promise<RestoredGuest> {
+  async acquire(opts: { hostname?: string; stateDir?: string; signal?: AbortSignal; layers?: string[] } = {}): Promise<RestoredGuest> {
     if (this.closed) throw new TemplateError('POOL_CLOSED', 'acquire() after close(): make a new TemplatePool');
+    const layers = opts.layers ?? [];
+    const slots = this.spec.diskSlots ?? 0;
+    if (layers.length > slots)
+      throw new TemplateError('TOO_MANY_LAYERS', `${layers.length} layer(s) for a template with ${slots} disk slot(s): use a template made with these layers as its disks`);
     const hostname = opts.hostname ?? `vmlet-${randomBytes(4).toString('hex')}`;
     let prepared: PreparedClone | null = null;
     let warm = false;
@@ -212,7 +246,7 @@ export class TemplatePool {
       }
     }
     this.refill();
-    prepared ??= await this.prepareFromStore(opts.stateDir, opts.signal);
+    prepared ??= await this.prepareFromStore(opts.stateDir, opts.signal, layers);
     try {
       // Before anything else runs in the clone: until this returns it shares
       // its siblings' RNG state, a stale clock and the template's hostname.
@@ -247,7 +281,7 @@ export class TemplatePool {
     }
   }
 
-  private async prepareFromStore(stateDir?: string, signal?: AbortSignal): Promise<PreparedClone> {
+  private async prepareFromStore(stateDir?: string, signal?: AbortSignal, layers: string[] = []): Promise<PreparedClone> {
     const inputs = this.inputs();
     let madeMs: number | undefined;
     const make = async (dir: string): Promise<Record<string, unknown>> => {
@@ -256,7 +290,7 @@ export class TemplatePool {
       madeMs = Date.now() - t0;
       return meta;
     };
-    const p = await this.store.use(templateKey(inputs), inputs, make, (t) => this.prepare(t, stateDir, signal), isTemplateUnusable);
+    const p = await this.store.use(templateKey(inputs), inputs, make, (t) => this.prepare(t, stateDir, signal, layers), isTemplateUnusable);
     return { ...p, madeMs };
   }
 
@@ -300,7 +334,7 @@ export class TemplatePool {
       cpus: this.spec.cpus,
       serialLog,
       bootProtocol: 'pvh',
-      disks: (this.spec.disks ?? []).map((path) => ({ path, readOnly: true })),
+      disks: this.templateDisks([]),
       vsock: { cid: GUEST_CID, udsPath: vsockPath },
     };
     const t0 = Date.now();
@@ -320,6 +354,7 @@ export class TemplatePool {
         bootMs,
         // For people reading `vmlet templates list`; the key has their content.
         layers: this.spec.disks ?? [],
+        diskSlots: this.spec.diskSlots ?? 0,
         cpus: this.spec.cpus,
         memoryMiB: this.spec.memoryMiB,
         agentVersion: client.hello?.agentVersion ?? '',
@@ -331,26 +366,35 @@ export class TemplatePool {
     }
   }
 
+  /** The template's disks in device order: the fixed ones, then the slots, the first filled with `layers`. */
+  private templateDisks(layers: string[]): DiskConfig[] {
+    const slots = Array.from({ length: this.spec.diskSlots ?? 0 }, (_, i): DiskConfig =>
+      i < layers.length ? { path: layers[i], readOnly: true } : { empty: true, readOnly: true });
+    return [...(this.spec.disks ?? []).map((path): DiskConfig => ({ path, readOnly: true })), ...slots];
+  }
+
   /** Restores a clone and waits for its agent; SnapshotError here makes the store remake the template. */
-  private async prepare(template: Template, givenStateDir?: string, signal?: AbortSignal): Promise<PreparedClone> {
+  private async prepare(template: Template, givenStateDir?: string, signal?: AbortSignal, layers: string[] = []): Promise<PreparedClone> {
     const stateDir = givenStateDir ?? mkdtempSync(join(this.stateParent, 'vmlet-restored-'));
     const vsockPath = join(stateDir, 'vsock.sock');
     const serialLog = join(stateDir, 'serial.log');
     let vm: Vm | undefined;
     try {
       const restoreNs = process.hrtime.bigint();
-      const disks = this.spec.disks ?? [];
+      const fixed = this.spec.disks ?? [];
       vm = await Vm.restore({
         snapshot: join(template.dir, 'snapshot'),
         serialLog,
-        disks: disks.map((path) => ({ path, readOnly: true })),
+        disks: this.templateDisks(layers),
         vsock: { cid: GUEST_CID, udsPath: vsockPath },
         // The key already names the kernel and initrd; this catches a template
         // directory that does not hold what its key says (copied, tampered).
         expect: { kernelSha256: String(template.manifest.inputs.kernel), initrdSha256: String(template.manifest.inputs.initrd) },
       });
       vm.start();
-      const launched: LaunchedVm = { vm, vsockPath, serialLog, layerDevices: disks.map((_, i) => virtioBlkDevice(i)), origin: 'template restore' };
+      // Slots follow the fixed disks in device order, so the layers are the next devices.
+      const layerDevices = [...fixed, ...layers].map((_, i) => virtioBlkDevice(i));
+      const launched: LaunchedVm = { vm, vsockPath, serialLog, layerDevices, origin: 'template restore' };
       const client = await waitForAgent(launched, this.restoreTimeoutMs, signal);
       return { launched, client, template, stateDir, restoreNs, agentReadyNs: process.hrtime.bigint() };
     } catch (e) {
@@ -410,8 +454,11 @@ export interface TemplateLauncherOptions {
 
 /**
  * A Sandbox launcher (sandbox.ts VmLauncher) that restores instead of booting:
- * one pool per (layers, cpus, memory, command line), each with its template
- * under `root`, made on the first launch that needs it. The clone gets its
+ * one pool per (cpus, memory, command line) whose template has
+ * DEFAULT_DISK_SLOTS empty slots for the sandbox's layers, or, for an image
+ * with more layers than that, one per (layers, cpus, memory, command line)
+ * made with its layers; each template under `root`, made on the first launch
+ * that needs it. The clone gets its
  * fresh identity here, before the Sandbox makes its own connection to the agent.
  */
 export function templateLauncher(opts: TemplateLauncherOptions = {}): VmLauncher & { close(): Promise<void> } {
@@ -433,8 +480,9 @@ export function templateLauncher(opts: TemplateLauncherOptions = {}): VmLauncher
         memoryMiB: spec.memoryMiB,
         // The same command line coldBoot uses, so a restored sandbox is the booted one.
         cmdline: guestCmdline(`quiet ${spec.cmdline ?? ''}`),
-        disks: spec.layers,
+        ...(spec.layers.length <= DEFAULT_DISK_SLOTS ? { diskSlots: DEFAULT_DISK_SLOTS } : { disks: spec.layers }),
       };
+      const slotted = tspec.diskSlots !== undefined;
       const id = JSON.stringify(tspec);
       let pool = pools.get(id);
       if (!pool) {
@@ -450,7 +498,7 @@ export function templateLauncher(opts: TemplateLauncherOptions = {}): VmLauncher
       const t0 = process.hrtime.bigint();
       let g: RestoredGuest;
       try {
-        g = await pool.acquire({ stateDir, signal });
+        g = await pool.acquire({ stateDir, signal, layers: slotted ? spec.layers : [] });
       } catch (e) {
         if (signal?.aborted) throw new SandboxError('ABORTED', 'the sandbox start was interrupted while its template was made or restored');
         // The template's guest died while it booted: a cold boot is the same boot

@@ -44,7 +44,9 @@ export type TemplateErrorCode =
   /** TemplatePool options out of range. */
   | 'BAD_POOL_OPTIONS'
   /** acquire() on a closed TemplatePool. */
-  | 'POOL_CLOSED';
+  | 'POOL_CLOSED'
+  /** acquire() with more layers than the template has empty disk slots. */
+  | 'TOO_MANY_LAYERS';
 
 export class TemplateError extends Error {
   override readonly name = 'TemplateError';

@@ -11,7 +11,7 @@ import { AgentClient } from '../../shim/agent/client';
 import { agentInitramfs, guestCmdline } from '../../shim/sandbox/guest';
 import { requireLabGuestKernel } from '../helpers/guest-kernel';
 import { RestoredGuest, TemplatePool, TemplateSpec } from '../../shim/sandbox/template-pool';
-import { collect } from '../unit/agent-harness';
+import { buildTestLayers, collect } from '../unit/agent-harness';
 
 const env = ['PATH=/bin'];
 
@@ -148,6 +148,36 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
       assert.ok(Math.abs(guest - before / 1000) <= 2, `guest clock ${guest} s vs host ${before / 1000} s`);
     } finally {
       await warmPool.close();
+    }
+  });
+
+  it('one template with empty disk slots serves two images: each clone stacks its own layers, the slots it was not given stay empty', async () => {
+    const { work: layers, layer1, layer2 } = buildTestLayers();
+    const slotPool = new TemplatePool({ spec: { ...poolSpec, diskSlots: 3 }, root: join(work, 'templates'), stateDir: work, agentTimeoutMs: 120_000 });
+    try {
+      const a = await slotPool.acquire({ hostname: 'slot-a', layers: [layer1] });
+      guests.push(a);
+      const b = await slotPool.acquire({ hostname: 'slot-b', layers: [layer1, layer2] });
+      guests.push(b);
+      assert.equal(a.template.manifest.id, b.template.manifest.id, 'both restored from the one slotted template');
+      assert.notEqual(slotPool.key(), pool.key(), 'the slots are part of the key');
+      const shadowed = async (g: RestoredGuest): Promise<string> => {
+        await g.client.mountRootfs('image', g.layerDevices);
+        const p = await g.client.exec({ args: ['/bin/cat', '/etc/shadowed'], env, rootfs: 'image' });
+        p.stdin.end();
+        const [out, err, status] = await Promise.all([collect(p.stdout), collect(p.stderr), p.wait()]);
+        assert.deepEqual(status, { code: 0, signal: null }, err.toString());
+        return out.toString();
+      };
+      assert.equal(await shadowed(a), 'layer1\n');
+      assert.equal(await shadowed(b), 'layer2\n');
+      // Sizes in 512-byte sectors as the guest kernel sees them after the configuration change.
+      const sectors = (g: RestoredGuest) => ok(g.client, 'for d in vda vdb vdc; do busybox cat /sys/block/$d/size; done');
+      assert.equal(await sectors(a), [Math.floor(statSync(layer1).size / 512), 0, 0].join('\n'));
+      assert.equal(await sectors(b), [Math.floor(statSync(layer1).size / 512), Math.floor(statSync(layer2).size / 512), 0].join('\n'));
+    } finally {
+      await slotPool.close();
+      rmSync(layers, { recursive: true, force: true });
     }
   });
 

@@ -56,7 +56,7 @@ describe('template pool: keys', function () {
     assert.equal(sha256File(f), createHash('sha256').update('kernel six, longer').digest('hex'));
   });
 
-  it('a template key changes with the kernel, the initrd, cpus, memory, the command line', function () {
+  it('a template key changes with the kernel, the initrd, cpus, memory, the command line, the number of disk slots', function () {
     if (!existsSync(addonPath)) {
       console.log(`      !!! SKIPPED: the addon is not built (${addonPath}): npm run build:native`);
       this.skip();
@@ -74,11 +74,12 @@ describe('template pool: keys', function () {
     keys.add(templateKey(templateInputs({ ...spec, cpus: 2 })));
     keys.add(templateKey(templateInputs({ ...spec, memoryMiB: 512 })));
     keys.add(templateKey(templateInputs({ ...spec, cmdline: 'console=ttyS0' })));
+    keys.add(templateKey(templateInputs({ ...spec, diskSlots: 16 })));
     writeFileSync(kernel, 'k2');
     keys.add(templateKey(templateInputs(spec)));
     writeFileSync(initrd, 'i2');
     keys.add(templateKey(templateInputs(spec)));
-    assert.equal(keys.size, 6);
+    assert.equal(keys.size, 7);
     assert.equal(new TemplatePool({ spec, root: join(work, 'templates') }).key(), templateKey(templateInputs(spec)));
     assert.equal(readFileSync(kernel, 'utf8'), 'k2');
   });
@@ -98,5 +99,17 @@ describe('template pool: keys', function () {
     const pool = new TemplatePool({ spec, root: join(work, 't') });
     await pool.close();
     await assert.rejects(pool.acquire(), /POOL_CLOSED: acquire\(\) after close\(\)/);
+  });
+
+  it('disk slots: at most 18 disks in all, none with warm clones, and never more layers than slots (refused before anything starts)', async () => {
+    const spec = { kernel: '/nonexistent', initrd: '/nonexistent', cpus: 1, memoryMiB: 256, cmdline: '' };
+    for (const diskSlots of [-1, 19, 2.5])
+      assert.throws(() => new TemplatePool({ spec: { ...spec, diskSlots }, root: join(work, 't') }), /BAD_POOL_OPTIONS: diskSlots is .* at most 18 disks in all/);
+    assert.throws(() => new TemplatePool({ spec: { ...spec, disks: ['/a', '/b', '/c'], diskSlots: 16 }, root: join(work, 't') }), /beside 3 disk\(s\)/);
+    assert.throws(() => new TemplatePool({ spec: { ...spec, diskSlots: 4 }, root: join(work, 't'), warm: 1 }), /BAD_POOL_OPTIONS: warm clones cannot take layers/);
+    const pool = new TemplatePool({ spec: { ...spec, diskSlots: 2 }, root: join(work, 't') });
+    await assert.rejects(pool.acquire({ layers: ['/l1', '/l2', '/l3'] }), /TOO_MANY_LAYERS: 3 layer\(s\) for a template with 2 disk slot\(s\)/);
+    const plain = new TemplatePool({ spec, root: join(work, 't') });
+    await assert.rejects(plain.acquire({ layers: ['/l1'] }), /TOO_MANY_LAYERS: 1 layer\(s\) for a template with 0 disk slot\(s\)/);
   });
 });

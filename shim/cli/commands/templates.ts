@@ -30,8 +30,12 @@ export function parsePruneArgs(values: OptionValues, now = Date.now()): PruneReq
 
 function layersOf(t: TemplateEntry): string {
   const layers = Array.isArray(t.manifest.meta.layers) ? (t.manifest.meta.layers as unknown[]).map(String) : [];
-  if (layers.length === 0) return '-';
-  return layers.length === 1 ? layers[0] : `${layers[layers.length - 1]} (+${layers.length - 1} below)`;
+  const slots = Number(t.manifest.meta.diskSlots ?? 0);
+  // A template with empty slots serves any image of up to that many layers.
+  const slotNote = slots > 0 ? `any image (${slots} layer slots)` : '';
+  if (layers.length === 0) return slotNote || '-';
+  const fixed = layers.length === 1 ? layers[0] : `${layers[layers.length - 1]} (+${layers.length - 1} below)`;
+  return slotNote ? `${fixed}, ${slotNote}` : fixed;
 }
 
 function age(ms: number, now: number): string {
@@ -43,7 +47,7 @@ function age(ms: number, now: number): string {
 }
 
 export function formatTemplates(entries: TemplateEntry[], now = Date.now()): string {
-  const rows = [['KEY', 'VCPUS', 'MEMORY', 'ON DISK', 'LAST USED', 'MADE', 'ROOTFS (when made)']];
+  const rows = [['KEY', 'VCPUS', 'MEMORY', 'ON DISK', 'LAST USED', 'MADE', 'ROOTFS']];
   for (const t of entries) {
     const inputs = t.manifest.inputs;
     rows.push([t.key, String(inputs.cpus ?? '?'), `${String(inputs.memoryMiB ?? '?')} MiB`, humanBytes(t.diskBytes), age(t.lastUsedMs, now), age(Date.parse(t.manifest.createdAt), now), layersOf(t)]);
