@@ -394,3 +394,50 @@ TEST_CASE("blk: a disk with sectors restores only onto one of the same size, and
     EXPECT_EQ(drv.Read32(MmioTransport::kInterruptStatus) & 2u, 0u);
   }
 }
+
+TEST_CASE("blk: a medium attached to an empty slot in use: configuration change, new capacity, reads; never a second one") {
+  GuestMemory mem{{{0, 32ull << 20}}};
+  auto irq = std::make_shared<CountingIrq>();
+  BlkConfig slot;
+  slot.read_only = true;
+  slot.empty = true;
+  auto dev = MakeVirtioBlk(slot);
+  MmioTransport t(dev, &mem, irq);
+  MmioDriver drv{t};
+  RingDriver ring(mem, kRing, 128);
+  EXPECT(drv.Negotiate(drv.DeviceFeatures()));
+  EXPECT_EQ(drv.SetupQueue(0, ring), 1u);
+  drv.DriverOk();
+  uint32_t generation = drv.Read32(MmioTransport::kConfigGeneration);
+
+  TempDisk tiny(100);
+  EXPECT(ErrorOf([&] { BlkAttachMedium(*dev, tiny.path); }).find("less than one sector") != std::string::npos);
+  EXPECT(ErrorOf([&] { BlkAttachMedium(*dev, "/nonexistent/layer.sqfs"); }).find("does not exist") != std::string::npos);
+  EXPECT_EQ(irq->count.load(), 0);
+
+  TempDisk layer(32 * 1024, 9);
+  BlkAttachMedium(*dev, layer.path);
+  EXPECT(irq->count >= 1);
+  EXPECT_EQ(drv.AckInterrupts() & 2u, 2u);
+  EXPECT(drv.Read32(MmioTransport::kConfigGeneration) != generation);
+  EXPECT_EQ(drv.Read32(0x100) | (static_cast<uint64_t>(drv.Read32(0x104)) << 32), 32u * 1024 / 512);
+  struct __attribute__((packed)) {
+    uint32_t type, reserved;
+    uint64_t sector;
+  } h{blk::kTypeIn, 0, 60};
+  EXPECT(mem.WriteObj(kHeader, h));
+  ring.Add({{kHeader, 16, false}, {kData, 2048, true}, {kStatus, 1, true}});
+  drv.Notify(0);
+  ring.PopUsed();
+  uint8_t status = 0xff;
+  EXPECT(mem.ReadObj(kStatus, &status));
+  EXPECT_EQ(status, blk::kStatusOk);
+  std::vector<uint8_t> got(2048);
+  EXPECT(mem.Read(kData, got.data(), got.size()));
+  EXPECT(std::memcmp(got.data(), layer.bytes.data() + 60 * 512, got.size()) == 0);
+
+  TempDisk other(8192);
+  EXPECT(ErrorOf([&] { BlkAttachMedium(*dev, other.path); }).find("already holds a medium") != std::string::npos);
+  auto disk = MakeVirtioBlk({other.path, true, ""});
+  EXPECT(ErrorOf([&] { BlkAttachMedium(*disk, layer.path); }).find("already holds a medium") != std::string::npos);
+}

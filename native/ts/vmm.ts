@@ -171,6 +171,7 @@ interface NativeVmHandle {
   wait(): Promise<VmExit>;
   stats(): VmStats;
   cmdline(): string;
+  attachDisk(index: number, path: string): void;
   snapshot(dir: string): Promise<SnapshotInfo>;
   kvmStats(): Record<string, bigint>;
 }
@@ -335,5 +336,20 @@ export class Vm {
   /** The kernel command line the guest received (with the virtio_mmio.device= entries). */
   cmdline(): string {
     return this.handle.cmdline();
+  }
+
+  /**
+   * Puts a read-only medium into empty disk slot `index` (its index in
+   * `disks`), running or not: the guest sees the disk's new size through a
+   * configuration-change interrupt. Throws VmmError when the slot is not
+   * empty (a medium is never swapped), the file cannot be opened or is under
+   * one sector, or the VM has stopped.
+   */
+  attachDisk(index: number, disk: { path: string }): void {
+    try {
+      this.handle.attachDisk(index, disk.path);
+    } catch (e) {
+      throw typed(e);
+    }
   }
 }

@@ -3,7 +3,7 @@
 import { strict as assert } from 'node:assert';
 import { execFileSync } from 'node:child_process';
 import { statSync, writeFileSync, readdirSync } from 'node:fs';
-import { Vm, VmConfig, BootError, DeviceError, InvalidArgumentError, KvmError, VmmError, addonPath } from '../../native/ts/vmm';
+import { Vm, VmConfig, DiskConfig, BootError, DeviceError, InvalidArgumentError, KvmError, VmmError, addonPath } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import { asm, writeImage } from './vm-images';
 import { Scratch, usage } from './vm-helpers';
@@ -102,6 +102,25 @@ describe('vm creation errors on /dev/kvm', function () {
     } finally {
       delete process.env.VMLET_GUEST_RAM;
     }
+  });
+
+  it('disk slots: a path beside empty, a writable slot; attachDisk to a missing disk, a disk with a medium, a stopped VM', async () => {
+    const disk = scratch.path('slot-layer.img');
+    writeFileSync(disk, Buffer.alloc(64 << 10, 1));
+    await rejects(config({ disks: [{ empty: true, readOnly: true, path: disk } as unknown as DiskConfig] }), DeviceError, /empty disk slot has no path/);
+    await rejects(config({ disks: [{ empty: true, readOnly: false } as unknown as DiskConfig] }), DeviceError, /empty disk slot is read-only/);
+    const vm = await Vm.create(config({ disks: [{ path: disk, readOnly: true }, { empty: true, readOnly: true }] }));
+    try {
+      vm.start();
+      assert.throws(() => vm.attachDisk(2, { path: disk }), (e: unknown) => e instanceof InvalidArgumentError && /disk 2 does not exist: this VM has 2 disk\(s\)/.test((e as Error).message));
+      assert.throws(() => vm.attachDisk(0, { path: disk }), (e: unknown) => e instanceof InvalidArgumentError && /already holds a medium/.test((e as Error).message));
+      assert.throws(() => vm.attachDisk(1, { path: scratch.path('no-such-layer') }), (e: unknown) => e instanceof DeviceError && /does not exist/.test((e as Error).message));
+      vm.attachDisk(1, { path: disk });
+      assert.throws(() => vm.attachDisk(1, { path: disk }), /already holds a medium/);
+    } finally {
+      await vm.kill();
+    }
+    assert.throws(() => vm.attachDisk(1, { path: disk }), (e: unknown) => e instanceof InvalidArgumentError && /killed or has exited/.test((e as Error).message));
   });
 
   it('memfd guest RAM on request (VMLET_GUEST_RAM=memfd) runs a guest like anonymous RAM', async () => {

@@ -125,6 +125,7 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
                                     InstanceMethod("resume", &VmHandle::Resume), InstanceMethod("kill", &VmHandle::Kill),
                                     InstanceMethod("wait", &VmHandle::Wait), InstanceMethod("stats", &VmHandle::Stats),
                                     InstanceMethod("cmdline", &VmHandle::Cmdline),
+                                    InstanceMethod("attachDisk", &VmHandle::AttachDisk),
                                     InstanceMethod("snapshot", &VmHandle::Snapshot),
                                     InstanceMethod("kvmStats", &VmHandle::KvmStats)});
     constructor = new Napi::FunctionReference(Napi::Persistent(f));
@@ -284,6 +285,24 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
   }
 
   Napi::Value Cmdline(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), machine_->cmdline()); }
+
+  // attachDisk(index, path): an empty slot takes a read-only medium (kvm/machine.h AttachDisk).
+  Napi::Value AttachDisk(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 2 || !info[0].IsNumber() || !info[1].IsString())
+      ThrowInvalid(env, "attachDisk(index, path): index a number, path a string");
+    double index = info[0].As<Napi::Number>().DoubleValue();
+    if (!(index >= 0 && index < 1024 && index == static_cast<double>(static_cast<uint32_t>(index))))
+      ThrowInvalid(env, "attachDisk: index must be a whole number from 0");
+    if (teardown_started_)
+      ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "attach disk", "the VM was killed or has exited"));
+    try {
+      machine_->AttachDisk(static_cast<uint32_t>(index), info[1].As<Napi::String>().Utf8Value());
+    } catch (const std::exception& e) {
+      ThrowVmmError(env, e);
+    }
+    return env.Undefined();
+  }
 
   Napi::Value Snapshot(const Napi::CallbackInfo& info) {
     if (teardown_started_)

@@ -12,6 +12,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <climits>
 #include <cstring>
 #include <mutex>
@@ -83,7 +84,7 @@ class VirtioBlk : public VirtioDevice {
 
   void ReadConfig(uint64_t offset, uint8_t* data, uint32_t len) override {
     BlkConfigSpace c{};
-    c.capacity = capacity_;
+    c.capacity = capacity_.load();
     c.size_max = blk::kSizeMax;
     c.seg_max = blk::kSegMax;
     c.blk_size = blk::kSectorSize;
@@ -101,7 +102,7 @@ class VirtioBlk : public VirtioDevice {
   // be in the guest's caches, and its driver is told the new capacity by a
   // configuration-change interrupt once the transport re-activates it.
   void SaveState(snapshot::Writer& w) const override {
-    w.U64(capacity_);
+    w.U64(capacity_.load());
     w.Bool(read_only_);
     w.Str(id_);
   }
@@ -115,12 +116,33 @@ class VirtioBlk : public VirtioDevice {
     } else if (capacity != capacity_)
       throw VmmError(ErrorKind::Snapshot, "restore virtio-blk",
                      "the snapshot's disk had " + std::to_string(capacity) + " sectors, the disk given now has " +
-                         std::to_string(capacity_) + ": pass a disk of the same size, in the same order");
+                         std::to_string(capacity_.load()) + ": pass a disk of the same size, in the same order");
     if (ro != read_only_)
       throw VmmError(ErrorKind::Snapshot, "restore virtio-blk",
                      std::string("the snapshot's disk was ") + (ro ? "read-only" : "writable") + ", the disk given now is " +
                          (read_only_ ? "read-only" : "writable") + ": pass the same readOnly");
     (void)id;  // the answer to GET_ID is the new config's: an id names the disk, not its contents
+  }
+
+  // An empty slot (no medium) takes `fd` while the VM may be running: the
+  // capacity is published before the configuration change that makes the
+  // driver read it. A slot that holds a medium never changes it: the guest
+  // may have cached its blocks.
+  void AttachMedium(int fd, uint64_t capacity_sectors, const std::string& path) {
+    std::shared_ptr<InterruptSink> irq;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (fd_ >= 0) {
+        close(fd);
+        throw VmmError(ErrorKind::InvalidArgument, "attach virtio-blk medium",
+                       "this disk already holds a medium; only an empty slot takes " + path);
+      }
+      fd_ = fd;
+      capacity_.store(capacity_sectors);
+      irq = irq_;
+    }
+    // Not activated yet: the driver reads the capacity when it probes.
+    if (irq) irq->SignalConfigChange();
   }
 
   void Activate(GuestMemory* mem, std::vector<Queue*> queues, std::shared_ptr<InterruptSink> irq) override {
@@ -224,11 +246,14 @@ class VirtioBlk : public VirtioDevice {
   bool InCapacity(uint64_t sector, uint64_t bytes) const {
     if (bytes % blk::kSectorSize) return false;
     uint64_t sectors = bytes / blk::kSectorSize;
-    return sector <= capacity_ && sectors <= capacity_ - sector;
+    uint64_t capacity = capacity_.load();
+    return sector <= capacity && sectors <= capacity - sector;
   }
 
   int fd_;
-  uint64_t capacity_;
+  // Atomic: ReadConfig runs on vCPU threads without mu_, while AttachMedium
+  // may fill an empty slot from the JS thread.
+  std::atomic<uint64_t> capacity_;
   // Restored from an empty slot onto a medium: tell the driver at activation.
   bool announce_capacity_ = false;
   bool read_only_;
@@ -239,6 +264,41 @@ class VirtioBlk : public VirtioDevice {
   Queue* queue_ = nullptr;
   std::shared_ptr<InterruptSink> irq_;
 };
+
+// The backing file or block device opened as cfg asks, and its size in bytes.
+int OpenBacking(const BlkConfig& cfg, uint64_t* size_bytes) {
+  const char* op = "open virtio-blk backing file";
+  int fd = open(cfg.path.c_str(), (cfg.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+  if (fd < 0) {
+    const char* hint = errno == ENOENT   ? ": the file does not exist, create the disk image first"
+                       : errno == EACCES ? (cfg.read_only ? ": not readable by this user"
+                                                          : ": not writable by this user (or attach it read-only)")
+                       : errno == EROFS  ? ": on a read-only file system, attach it read-only"
+                                         : "";
+    throw SysError(ErrorKind::Device, op, cfg.path + hint);
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    auto e = SysError(ErrorKind::Device, "stat virtio-blk backing file", cfg.path);
+    close(fd);
+    throw e;
+  }
+  if (S_ISREG(st.st_mode)) {
+    *size_bytes = static_cast<uint64_t>(st.st_size);
+  } else if (S_ISBLK(st.st_mode)) {
+    off_t end = lseek(fd, 0, SEEK_END);
+    if (end < 0) {
+      auto e = SysError(ErrorKind::Device, "size virtio-blk block device", cfg.path);
+      close(fd);
+      throw e;
+    }
+    *size_bytes = static_cast<uint64_t>(end);
+  } else {
+    close(fd);
+    throw VmmError(ErrorKind::Device, op, cfg.path + " is neither a regular file nor a block device");
+  }
+  return fd;
+}
 
 }  // namespace
 
@@ -259,38 +319,28 @@ std::shared_ptr<VirtioDevice> MakeVirtioBlk(const BlkConfig& cfg) {
   if (cfg.id.size() > blk::kIdBytes)
     throw VmmError(ErrorKind::Device, "configure virtio-blk",
                    "id '" + cfg.id + "' of " + cfg.path + " is longer than 20 bytes: shorten it");
-  int fd = open(cfg.path.c_str(), (cfg.read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC);
-  if (fd < 0) {
-    const char* hint = errno == ENOENT   ? ": the file does not exist, create the disk image first"
-                       : errno == EACCES ? (cfg.read_only ? ": not readable by this user"
-                                                          : ": not writable by this user (or attach it read-only)")
-                       : errno == EROFS  ? ": on a read-only file system, attach it read-only"
-                                         : "";
-    throw SysError(ErrorKind::Device, op, cfg.path + hint);
-  }
-  struct stat st;
   uint64_t bytes = 0;
-  if (fstat(fd, &st) != 0) {
-    auto e = SysError(ErrorKind::Device, "stat virtio-blk backing file", cfg.path);
-    close(fd);
-    throw e;
-  }
-  if (S_ISREG(st.st_mode)) {
-    bytes = static_cast<uint64_t>(st.st_size);
-  } else if (S_ISBLK(st.st_mode)) {
-    off_t end = lseek(fd, 0, SEEK_END);
-    if (end < 0) {
-      auto e = SysError(ErrorKind::Device, "size virtio-blk block device", cfg.path);
-      close(fd);
-      throw e;
-    }
-    bytes = static_cast<uint64_t>(end);
-  } else {
-    close(fd);
-    throw VmmError(ErrorKind::Device, op, cfg.path + " is neither a regular file nor a block device");
-  }
+  int fd = OpenBacking(cfg, &bytes);
   // A trailing partial sector is not addressable by the guest; it stays untouched.
   return std::make_shared<VirtioBlk>(fd, bytes / blk::kSectorSize, cfg);
+}
+
+void BlkAttachMedium(virtio::VirtioDevice& device, const std::string& path) {
+  auto* blk = dynamic_cast<VirtioBlk*>(&device);
+  if (!blk)
+    throw VmmError(ErrorKind::InvalidArgument, "attach virtio-blk medium",
+                   "device " + std::to_string(device.device_id()) + " is not virtio-blk");
+  BlkConfig cfg;
+  cfg.path = path;
+  cfg.read_only = true;
+  uint64_t bytes = 0;
+  int fd = OpenBacking(cfg, &bytes);
+  if (bytes < blk::kSectorSize) {
+    close(fd);
+    throw VmmError(ErrorKind::Device, "attach virtio-blk medium",
+                   path + " is " + std::to_string(bytes) + " bytes, less than one sector: the slot would stay empty");
+  }
+  blk->AttachMedium(fd, bytes / blk::kSectorSize, path);
 }
 
 }  // namespace vmlet

@@ -23,6 +23,15 @@ struct BlkConfig {
 // VM creation. Throws VmmError(Device) naming the path and what to do.
 std::shared_ptr<virtio::VirtioDevice> MakeVirtioBlk(const BlkConfig& config);
 
+// Puts a read-only medium into an empty slot of a VM that may be running (a
+// warm clone restored before anyone said which image it runs): its size
+// becomes the capacity, and a driver already using the device is told by a
+// configuration-change interrupt. Throws VmmError: InvalidArgument when the
+// device is not virtio-blk or is no empty slot (a medium once given is never
+// swapped: the guest may have cached its blocks), Device when the file cannot
+// be opened or is under one sector.
+void BlkAttachMedium(virtio::VirtioDevice& device, const std::string& path);
+
 namespace blk {
 // Wire constants, shared with the tests (virtio 1.x 5.2.3 and 5.2.6).
 inline constexpr uint32_t kDeviceId = 2;

@@ -774,6 +774,23 @@ std::map<std::string, uint64_t> Machine::KvmStatistics() const {
   return kvm_stats_->Snapshot();
 }
 
+void Machine::AttachDisk(uint32_t index, const std::string& path) {
+  // Disks are the first virtio devices, in config order (Build); the list is
+  // fixed once built, and the device locks against its own queue work.
+  if (index >= config_.disks.size())
+    throw VmmError(ErrorKind::InvalidArgument, "attach disk",
+                   "disk " + std::to_string(index) + " does not exist: this VM has " + std::to_string(config_.disks.size()) + " disk(s)");
+  // Copied under mu_ before Teardown may clear the list: the device stays
+  // alive for the attach even if the VM stops meanwhile.
+  std::shared_ptr<virtio::VirtioDevice> disk;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stopping_ || torn_down_) throw VmmError(ErrorKind::InvalidArgument, "attach disk", "the VM has stopped or is stopping");
+    disk = virtio_devices_[index];
+  }
+  BlkAttachMedium(*disk, path);
+}
+
 MachineStats Machine::Stats() const {
   MachineStats s;
   s.created_ns = created_ns_;

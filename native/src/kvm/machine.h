@@ -135,6 +135,10 @@ class Machine {
   // for a booted VM, or when the guest's vsock driver was not live).
   bool vsock_reset_sent() const { return vsock_reset_sent_; }
 
+  // Fills empty disk slot `index` (the index in MachineConfig::disks) with
+  // `path`, read-only, while the VM may run (devices/blk.h BlkAttachMedium).
+  void AttachDisk(uint32_t index, const std::string& path);
+
   MachineStats Stats() const;
   // KVM's own counters for this VM (kvm/stats.h): live while it runs, the last
   // values after it stopped. Throws VmmError(Kvm) on a KVM without them.
