@@ -200,10 +200,6 @@ export class TemplatePool {
     const fixed = this.spec.disks?.length ?? 0;
     if (!Number.isInteger(slots) || slots < 0 || fixed + slots > MAX_DISK_SLOTS)
       throw new TemplateError('BAD_POOL_OPTIONS', `diskSlots is ${String(this.spec.diskSlots)} beside ${fixed} disk(s): a template holds at most ${MAX_DISK_SLOTS} disks in all`);
-    // A warm clone is restored before anyone says which layers it gets, and a
-    // slot can be filled only at restore: it would always start empty.
-    if (slots > 0 && this.warmTarget > 0)
-      throw new TemplateError('BAD_POOL_OPTIONS', 'warm clones cannot take layers into disk slots (a slot is filled at restore): use warm with diskSlots 0');
   }
 
   /** The template's inputs now, the files' hashes cached beside the templates. */
@@ -248,6 +244,9 @@ export class TemplatePool {
     this.refill();
     prepared ??= await this.prepareFromStore(opts.stateDir, opts.signal, layers);
     try {
+      // A warm clone was restored before anyone said which layers it runs:
+      // its slots are empty and take the layers now, while it runs.
+      if (warm) prepared = this.attachLayers(prepared, layers);
       // Before anything else runs in the clone: until this returns it shares
       // its siblings' RNG state, a stale clock and the template's hostname.
       const identity = await prepared.client.setIdentity({ clock: true, hostname });
@@ -256,6 +255,14 @@ export class TemplatePool {
       await this.discardClone(prepared);
       throw e;
     }
+  }
+
+  /** `layers` put into the empty slots of a running clone, and its layer devices with them. */
+  private attachLayers(p: PreparedClone, layers: string[]): PreparedClone {
+    const fixed = this.spec.disks?.length ?? 0;
+    layers.forEach((path, i) => p.launched.vm.attachDisk(fixed + i, { path }));
+    const layerDevices = Array.from({ length: fixed + layers.length }, (_, i) => virtioBlkDevice(i));
+    return { ...p, launched: { ...p.launched, layerDevices } };
   }
 
   /** Starts warm clones up to the target (no-op when warm is 0). */

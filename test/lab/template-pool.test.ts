@@ -151,7 +151,7 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
     }
   });
 
-  it('one template with empty disk slots serves two images: each clone stacks its own layers, the slots it was not given stay empty', async () => {
+  it('one template with empty disk slots serves two images: each clone stacks its own layers, the slots it was not given stay empty; a warm clone takes its layers while it runs', async () => {
     const { work: layers, layer1, layer2 } = buildTestLayers();
     const slotPool = new TemplatePool({ spec: { ...poolSpec, diskSlots: 3 }, root: join(work, 'templates'), stateDir: work, agentTimeoutMs: 120_000 });
     try {
@@ -175,6 +175,20 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
       const sectors = (g: RestoredGuest) => ok(g.client, 'for d in vda vdb vdc; do busybox cat /sys/block/$d/size; done');
       assert.equal(await sectors(a), [Math.floor(statSync(layer1).size / 512), 0, 0].join('\n'));
       assert.equal(await sectors(b), [Math.floor(statSync(layer1).size / 512), Math.floor(statSync(layer2).size / 512), 0].join('\n'));
+
+      // A warm clone is restored with its slots empty and gets the layers while it runs (Vm.attachDisk).
+      const warmSlots = new TemplatePool({ spec: { ...poolSpec, diskSlots: 3 }, root: join(work, 'templates'), stateDir: work, agentTimeoutMs: 120_000, warm: 1 });
+      try {
+        warmSlots.refill();
+        const w = await warmSlots.acquire({ hostname: 'slot-warm', layers: [layer1, layer2] });
+        guests.push(w);
+        assert.equal(w.warm, true);
+        assert.equal(w.template.manifest.id, a.template.manifest.id);
+        assert.equal(await shadowed(w), 'layer2\n');
+        assert.throws(() => w.vm.attachDisk(0, { path: layer2 }), /already holds a medium/);
+      } finally {
+        await warmSlots.close();
+      }
     } finally {
       await slotPool.close();
       rmSync(layers, { recursive: true, force: true });
