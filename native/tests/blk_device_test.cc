@@ -263,11 +263,60 @@ TEST_CASE("blk: a missing or unusable backing file is a DeviceError that names i
 
 namespace {
 
-// A disk's device and transport state as a snapshot holds it.
-std::vector<uint8_t> SaveTransport(MmioTransport& t) {
-  snapshot::Writer w;
-  t.SaveState(w);
-  return w.data();
+// Any blk device behind a transport whose driver is set up (DRIVER_OK, one
+// queue), for the disk-slot tests: they move devices between transports.
+struct Driven {
+  std::shared_ptr<CountingIrq> irq = std::make_shared<CountingIrq>();
+  MmioTransport transport;
+  MmioDriver drv{transport};
+  RingDriver ring;
+
+  // activate = false: a transport about to be restored (RestoreState re-activates it).
+  Driven(GuestMemory& mem, std::shared_ptr<virtio::VirtioDevice> dev, bool activate = true)
+      : transport(std::move(dev), &mem, irq), ring(mem, kRing, 128) {
+    if (!activate) return;
+    EXPECT(drv.Negotiate(drv.DeviceFeatures()));
+    EXPECT_EQ(drv.SetupQueue(0, ring), 1u);
+    drv.DriverOk();
+  }
+  uint64_t Capacity() { return drv.Read32(0x100) | (static_cast<uint64_t>(drv.Read32(0x104)) << 32); }
+  // One T_IN of `bytes` from `sector` into kData; the status byte.
+  uint8_t Read(GuestMemory& mem, uint64_t sector, uint32_t bytes) {
+    struct __attribute__((packed)) {
+      uint32_t type, reserved;
+      uint64_t sector;
+    } h{blk::kTypeIn, 0, sector};
+    EXPECT(mem.WriteObj(kHeader, h));
+    EXPECT(mem.WriteObj<uint8_t>(kStatus, 0xff));
+    ring.Add({{kHeader, 16, false}, {kData, bytes, true}, {kStatus, 1, true}});
+    drv.Notify(0);
+    ring.PopUsed();
+    uint8_t status = 0xff;
+    EXPECT(mem.ReadObj(kStatus, &status));
+    return status;
+  }
+  std::vector<uint8_t> Save() {
+    snapshot::Writer w;
+    transport.SaveState(w);
+    return w.data();
+  }
+  void Restore(const std::vector<uint8_t>& state) {
+    snapshot::Reader r(state.data(), state.size(), "virtio device 0");
+    transport.RestoreState(r);
+  }
+};
+
+bool SameBytes(GuestMemory& mem, const std::vector<uint8_t>& disk, uint64_t sector, size_t bytes) {
+  std::vector<uint8_t> got(bytes);
+  EXPECT(mem.Read(kData, got.data(), got.size()));
+  return std::memcmp(got.data(), disk.data() + sector * 512, bytes) == 0;
+}
+
+std::shared_ptr<virtio::VirtioDevice> EmptySlot() {
+  BlkConfig slot;
+  slot.read_only = true;
+  slot.empty = true;
+  return MakeVirtioBlk(slot);
 }
 
 std::string ErrorOf(const std::function<void()>& f) {
@@ -283,161 +332,74 @@ std::string ErrorOf(const std::function<void()>& f) {
 
 TEST_CASE("blk: an empty slot is read-only with 0 sectors, answers reads with IOERR, and takes no path") {
   GuestMemory mem{{{0, 32ull << 20}}};
-  auto irq = std::make_shared<CountingIrq>();
-  BlkConfig slot;
-  slot.read_only = true;
-  slot.empty = true;
-  MmioTransport t(MakeVirtioBlk(slot), &mem, irq);
-  MmioDriver drv{t};
-  RingDriver ring(mem, kRing, 128);
-  EXPECT(drv.Negotiate(drv.DeviceFeatures()));
-  EXPECT(drv.DeviceFeatures() & blk::kFeatureRo);
-  EXPECT_EQ(drv.SetupQueue(0, ring), 1u);
-  drv.DriverOk();
-  EXPECT_EQ(drv.Read32(0x100) | (static_cast<uint64_t>(drv.Read32(0x104)) << 32), 0u);
-  struct __attribute__((packed)) {
-    uint32_t type, reserved;
-    uint64_t sector;
-  } h{blk::kTypeIn, 0, 0};
-  EXPECT(mem.WriteObj(kHeader, h));
-  ring.Add({{kHeader, 16, false}, {kData, 512, true}, {kStatus, 1, true}});
-  drv.Notify(0);
-  ring.PopUsed();
-  uint8_t status = 0;
-  EXPECT(mem.ReadObj(kStatus, &status));
-  EXPECT_EQ(status, blk::kStatusIoErr);
+  Driven d(mem, EmptySlot());
+  EXPECT(d.drv.DeviceFeatures() & blk::kFeatureRo);
+  EXPECT_EQ(d.Capacity(), 0u);
+  EXPECT_EQ(d.Read(mem, 0, 512), blk::kStatusIoErr);
 
-  BlkConfig writable = slot;
-  writable.read_only = false;
+  BlkConfig writable;
+  writable.empty = true;
   EXPECT(ErrorOf([&] { MakeVirtioBlk(writable); }).find("set readOnly") != std::string::npos);
-  TempDisk d(4096);
-  BlkConfig both = slot;
-  both.path = d.path;
+  TempDisk disk(4096);
+  BlkConfig both;
+  both.empty = true;
+  both.read_only = true;
+  both.path = disk.path;
   EXPECT(ErrorOf([&] { MakeVirtioBlk(both); }).find("leave out either") != std::string::npos);
 }
 
 TEST_CASE("blk: an empty slot restored onto a file tells the driver its capacity by a configuration change") {
   GuestMemory mem{{{0, 32ull << 20}}};
-  BlkConfig slot;
-  slot.read_only = true;
-  slot.empty = true;
-  std::vector<uint8_t> saved;
-  {
-    MmioTransport t(MakeVirtioBlk(slot), &mem, std::make_shared<CountingIrq>());
-    MmioDriver drv{t};
-    RingDriver ring(mem, kRing, 128);
-    EXPECT(drv.Negotiate(drv.DeviceFeatures()));
-    EXPECT_EQ(drv.SetupQueue(0, ring), 1u);
-    drv.DriverOk();
-    saved = SaveTransport(t);
-  }
+  std::vector<uint8_t> saved = Driven(mem, EmptySlot()).Save();
   TempDisk layer(64 * 1024, 7);
-  auto irq = std::make_shared<CountingIrq>();
-  MmioTransport t(MakeVirtioBlk({layer.path, true, ""}), &mem, irq);
-  MmioDriver drv{t};
-  uint32_t generation = drv.Read32(MmioTransport::kConfigGeneration);
-  snapshot::Reader r(saved.data(), saved.size(), "virtio device 0");
-  t.RestoreState(r);
+  Driven d(mem, MakeVirtioBlk({layer.path, true, ""}), /*activate=*/false);
+  uint32_t generation = d.drv.Read32(MmioTransport::kConfigGeneration);
+  d.Restore(saved);
   // The interrupt is raised as the transport re-activates the device; the
   // driver finds bit 1 (configuration change) and reads the new capacity.
-  EXPECT(irq->count >= 1);
-  EXPECT_EQ(drv.AckInterrupts() & 2u, 2u);
-  EXPECT(drv.Read32(MmioTransport::kConfigGeneration) != generation);
-  EXPECT_EQ(drv.Read32(0x100) | (static_cast<uint64_t>(drv.Read32(0x104)) << 32), 64u * 1024 / 512);
-  // The restored queue reads the new medium.
-  // Nothing was queued before the snapshot: a fresh (zeroed) ring matches the restored indexes.
-  RingDriver ring(mem, kRing, 128);
-  struct __attribute__((packed)) {
-    uint32_t type, reserved;
-    uint64_t sector;
-  } h{blk::kTypeIn, 0, 3};
-  EXPECT(mem.WriteObj(kHeader, h));
-  ring.Add({{kHeader, 16, false}, {kData, 1024, true}, {kStatus, 1, true}});
-  drv.Notify(0);
-  ring.PopUsed();
-  uint8_t status = 0xff;
-  EXPECT(mem.ReadObj(kStatus, &status));
-  EXPECT_EQ(status, blk::kStatusOk);
-  std::vector<uint8_t> got(1024);
-  EXPECT(mem.Read(kData, got.data(), got.size()));
-  EXPECT(std::memcmp(got.data(), layer.bytes.data() + 3 * 512, got.size()) == 0);
+  EXPECT(d.irq->count >= 1);
+  EXPECT_EQ(d.drv.AckInterrupts() & 2u, 2u);
+  EXPECT(d.drv.Read32(MmioTransport::kConfigGeneration) != generation);
+  EXPECT_EQ(d.Capacity(), 64u * 1024 / 512);
+  // Nothing was queued before the snapshot: the rig's fresh (zeroed) ring matches the restored indexes.
+  EXPECT_EQ(d.Read(mem, 3, 1024), blk::kStatusOk);
+  EXPECT(SameBytes(mem, layer.bytes, 3, 1024));
 }
 
 TEST_CASE("blk: a disk with sectors restores only onto one of the same size, and an empty slot stays quiet when left empty") {
   GuestMemory mem{{{0, 32ull << 20}}};
   TempDisk small(8192), large(16384);
-  std::vector<uint8_t> saved_disk, saved_slot;
-  BlkConfig slot;
-  slot.read_only = true;
-  slot.empty = true;
-  for (auto* out : {&saved_disk, &saved_slot}) {
-    MmioTransport t(out == &saved_disk ? MakeVirtioBlk({small.path, true, ""}) : MakeVirtioBlk(slot), &mem,
-                    std::make_shared<CountingIrq>());
-    MmioDriver drv{t};
-    RingDriver ring(mem, kRing, 128);
-    EXPECT(drv.Negotiate(drv.DeviceFeatures()));
-    EXPECT_EQ(drv.SetupQueue(0, ring), 1u);
-    drv.DriverOk();
-    *out = SaveTransport(t);
-  }
-  {
-    MmioTransport t(MakeVirtioBlk({large.path, true, ""}), &mem, std::make_shared<CountingIrq>());
-    snapshot::Reader r(saved_disk.data(), saved_disk.size(), "virtio device 0");
-    EXPECT(ErrorOf([&] { t.RestoreState(r); }).find("pass a disk of the same size") != std::string::npos);
-  }
-  {
-    auto irq = std::make_shared<CountingIrq>();
-    MmioTransport t(MakeVirtioBlk(slot), &mem, irq);
-    snapshot::Reader r(saved_slot.data(), saved_slot.size(), "virtio device 0");
-    t.RestoreState(r);
-    MmioDriver drv{t};
-    EXPECT_EQ(drv.Read32(MmioTransport::kInterruptStatus) & 2u, 0u);
-  }
+  std::vector<uint8_t> saved_disk = Driven(mem, MakeVirtioBlk({small.path, true, ""})).Save();
+  std::vector<uint8_t> saved_slot = Driven(mem, EmptySlot()).Save();
+  Driven onto_large(mem, MakeVirtioBlk({large.path, true, ""}), false);
+  EXPECT(ErrorOf([&] { onto_large.Restore(saved_disk); }).find("pass a disk of the same size") != std::string::npos);
+  Driven still_empty(mem, EmptySlot(), false);
+  still_empty.Restore(saved_slot);
+  EXPECT_EQ(still_empty.drv.Read32(MmioTransport::kInterruptStatus) & 2u, 0u);
 }
 
 TEST_CASE("blk: a medium attached to an empty slot in use: configuration change, new capacity, reads; never a second one") {
   GuestMemory mem{{{0, 32ull << 20}}};
-  auto irq = std::make_shared<CountingIrq>();
-  BlkConfig slot;
-  slot.read_only = true;
-  slot.empty = true;
-  auto dev = MakeVirtioBlk(slot);
-  MmioTransport t(dev, &mem, irq);
-  MmioDriver drv{t};
-  RingDriver ring(mem, kRing, 128);
-  EXPECT(drv.Negotiate(drv.DeviceFeatures()));
-  EXPECT_EQ(drv.SetupQueue(0, ring), 1u);
-  drv.DriverOk();
-  uint32_t generation = drv.Read32(MmioTransport::kConfigGeneration);
+  auto slot = EmptySlot();
+  Driven d(mem, slot);
+  uint32_t generation = d.drv.Read32(MmioTransport::kConfigGeneration);
 
   TempDisk tiny(100);
-  EXPECT(ErrorOf([&] { BlkAttachMedium(*dev, tiny.path); }).find("less than one sector") != std::string::npos);
-  EXPECT(ErrorOf([&] { BlkAttachMedium(*dev, "/nonexistent/layer.sqfs"); }).find("does not exist") != std::string::npos);
-  EXPECT_EQ(irq->count.load(), 0);
+  EXPECT(ErrorOf([&] { BlkAttachMedium(*slot, tiny.path); }).find("less than one sector") != std::string::npos);
+  EXPECT(ErrorOf([&] { BlkAttachMedium(*slot, "/nonexistent/layer.sqfs"); }).find("does not exist") != std::string::npos);
+  EXPECT_EQ(d.irq->count.load(), 0);
 
   TempDisk layer(32 * 1024, 9);
-  BlkAttachMedium(*dev, layer.path);
-  EXPECT(irq->count >= 1);
-  EXPECT_EQ(drv.AckInterrupts() & 2u, 2u);
-  EXPECT(drv.Read32(MmioTransport::kConfigGeneration) != generation);
-  EXPECT_EQ(drv.Read32(0x100) | (static_cast<uint64_t>(drv.Read32(0x104)) << 32), 32u * 1024 / 512);
-  struct __attribute__((packed)) {
-    uint32_t type, reserved;
-    uint64_t sector;
-  } h{blk::kTypeIn, 0, 60};
-  EXPECT(mem.WriteObj(kHeader, h));
-  ring.Add({{kHeader, 16, false}, {kData, 2048, true}, {kStatus, 1, true}});
-  drv.Notify(0);
-  ring.PopUsed();
-  uint8_t status = 0xff;
-  EXPECT(mem.ReadObj(kStatus, &status));
-  EXPECT_EQ(status, blk::kStatusOk);
-  std::vector<uint8_t> got(2048);
-  EXPECT(mem.Read(kData, got.data(), got.size()));
-  EXPECT(std::memcmp(got.data(), layer.bytes.data() + 60 * 512, got.size()) == 0);
+  BlkAttachMedium(*slot, layer.path);
+  EXPECT(d.irq->count >= 1);
+  EXPECT_EQ(d.drv.AckInterrupts() & 2u, 2u);
+  EXPECT(d.drv.Read32(MmioTransport::kConfigGeneration) != generation);
+  EXPECT_EQ(d.Capacity(), 32u * 1024 / 512);
+  EXPECT_EQ(d.Read(mem, 60, 2048), blk::kStatusOk);
+  EXPECT(SameBytes(mem, layer.bytes, 60, 2048));
 
   TempDisk other(8192);
-  EXPECT(ErrorOf([&] { BlkAttachMedium(*dev, other.path); }).find("already holds a medium") != std::string::npos);
+  EXPECT(ErrorOf([&] { BlkAttachMedium(*slot, other.path); }).find("already holds a medium") != std::string::npos);
   auto disk = MakeVirtioBlk({other.path, true, ""});
   EXPECT(ErrorOf([&] { BlkAttachMedium(*disk, layer.path); }).find("already holds a medium") != std::string::npos);
 }

@@ -36,6 +36,20 @@ describe('agent: rootfs stacking (squashfs layers + overlayfs, host-side in a mo
 
   const env = ['PATH=/bin'];
 
+  /** A read-only loop device over a new empty file (0 sectors, like a template's unfilled disk slot), detached after `use`. */
+  async function withEmptyLoopDevice(name: string, use: (dev: string, file: string) => Promise<void>): Promise<void> {
+    const file = join(work, name);
+    writeFileSync(file, '');
+    const dev = execFileSync('losetup', ['--find', '--show', '--read-only', file], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
+    try {
+      await use(dev, file);
+    } finally {
+      // A device still mounted in the agent's namespace is only marked for
+      // autoclear here; it goes when the agent stops.
+      execFileSync('losetup', ['-d', dev]);
+    }
+  }
+
   it('stacks two layers: the upper layer shadows the lower, both are visible, writes land in tmpfs', async () => {
     const before = [fileSha(layer1), fileSha(layer2)];
     const merged = await client.mountRootfs('c1', [layer1, layer2]);
@@ -98,16 +112,11 @@ describe('agent: rootfs stacking (squashfs layers + overlayfs, host-side in a mo
     it('the same name twice: BAD_REQUEST', () => expectMountError(client.mountRootfs('c1', [layer1]), 'BAD_REQUEST', /already mounted/));
     it('a block device that stays empty (a template slot the host left empty): MOUNT_FAILED naming it, after the bounded wait', async function () {
       this.timeout(20_000);
-      const empty = join(work, 'empty-slot');
-      writeFileSync(empty, '');
-      const dev = execFileSync('losetup', ['--find', '--show', '--read-only', empty], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
-      try {
+      await withEmptyLoopDevice('empty-slot', async (dev) => {
         const t0 = Date.now();
         await expectMountError(client.mountRootfs('e5', [dev]), 'MOUNT_FAILED', /layer 0 device \/dev\/loop\d+ is an empty disk .* attached no image/);
         assert.ok(Date.now() - t0 >= 4_000, `refused after ${Date.now() - t0} ms: the wait is ~5 s`);
-      } finally {
-        execFileSync('losetup', ['-d', dev]);
-      }
+      });
     });
   });
 
@@ -116,25 +125,15 @@ describe('agent: rootfs stacking (squashfs layers + overlayfs, host-side in a mo
     // A loop device over an empty file has 0 sectors, as a template's disk slot
     // has until the kernel applies the configuration change the VMM raised at
     // restore; LOOP_SET_CAPACITY (losetup -c) after the file is filled plays that part.
-    const slotFile = join(work, 'late-slot');
-    writeFileSync(slotFile, '');
-    const dev = execFileSync('losetup', ['--find', '--show', '--read-only', slotFile], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'] }).trim();
-    try {
+    await withEmptyLoopDevice('late-slot', async (dev, file) => {
       const mounted = client.mountRootfs('late', [dev]);
       await new Promise((r) => setTimeout(r, 300));
-      copyFileSync(layer1, slotFile);
+      copyFileSync(layer1, file);
       execFileSync('losetup', ['-c', dev]);
       const merged = await mounted;
       const r = await run(client, ['/bin/cat', '/etc/only1'], { rootfs: 'late', env });
       assert.deepEqual(r.status, { code: 0, signal: null }, r.stderr);
       assert.equal(r.stdout, readFileSync(join(work, 'l1', 'etc', 'only1'), 'utf8'), `merged at ${merged}`);
-    } finally {
-      // The mount keeps the loop device busy; autoclear is not set on one losetup made.
-      try {
-        execFileSync('losetup', ['-d', dev]);
-      } catch {
-        // still mounted inside the agent's namespace; it goes when the agent stops
-      }
-    }
+    });
   });
 });
