@@ -1,7 +1,10 @@
 // `npm run bench template`, inside the lab only:
 //   hack/kvm-lab run --timeout 900 -- node dist/hack/bench/run.js template
 // The template pool (shim/sandbox/template-pool.ts) against a cold boot, same
-// guest kernel, agent initramfs, command line, 256 MiB, 1 vCPU, same /dev/kvm:
+// guest kernel, agent initramfs, command line, 256 MiB, 1 vCPU, same /dev/kvm,
+// and the same one image layer (a busybox squashfs): the cold boot gets it as
+// its disk, each restore puts it in the first of the template's 16 empty disk
+// slots, as `vmlet run` does:
 //
 // - cold boot -> agent ready: Vm.create() called -> the agent answered HELLO
 //   over vsock (VMLET_BENCH_COLD_RUNS, default 10: a cold boot is seconds here);
@@ -13,13 +16,14 @@
 //   and after, divided by the count.
 // p50/p90 each, interleaved cold/restore so load drift hits both alike. The
 // lab nests KVM under TCG: compare the ratios, not the absolute times.
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { chmodSync, copyFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Vm } from '../../native/ts/vmm';
-import { agentInitramfs, findGuestKernel, guestCmdline } from '../../shim/sandbox/guest';
+import { agentInitramfs, busyboxStatic, findGuestKernel, guestCmdline } from '../../shim/sandbox/guest';
 import { waitForAgent } from '../../shim/sandbox/sandbox';
-import { RestoredGuest, TemplatePool, TemplateSpec } from '../../shim/sandbox/template-pool';
+import { DEFAULT_DISK_SLOTS, RestoredGuest, TemplatePool, TemplateSpec } from '../../shim/sandbox/template-pool';
 
 const RUNS = Number(process.env.VMLET_BENCH_RUNS ?? 50);
 const COLD_RUNS = Number(process.env.VMLET_BENCH_COLD_RUNS ?? 10);
@@ -39,12 +43,23 @@ interface ColdVm {
   close(): Promise<void>;
 }
 
-async function coldBoot(spec: TemplateSpec, parent: string): Promise<{ agentMs: number; held: ColdVm }> {
+/** A one-layer busybox image, as `vmlet run` would attach it. */
+function busyboxLayer(work: string): string {
+  const root = join(work, 'layer-root');
+  mkdirSync(join(root, 'bin'), { recursive: true });
+  copyFileSync(busyboxStatic(), join(root, 'bin', 'busybox'));
+  chmodSync(join(root, 'bin', 'busybox'), 0o755);
+  const layer = join(work, 'layer.sqfs');
+  execFileSync('mksquashfs', [root, layer, '-comp', 'zstd', '-noappend', '-quiet', '-all-root']);
+  return layer;
+}
+
+async function coldBoot(spec: TemplateSpec, parent: string, layer: string): Promise<{ agentMs: number; held: ColdVm }> {
   const dir = mkdtempSync(join(parent, 'cold-'));
   const vsockPath = join(dir, 'vsock.sock');
   const serialLog = join(dir, 'serial.log');
   const t0 = process.hrtime.bigint();
-  const vm = await Vm.create({ kernel: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline, memoryMiB: spec.memoryMiB, cpus: spec.cpus, serialLog, bootProtocol: 'pvh', vsock: { cid: 3, udsPath: vsockPath } });
+  const vm = await Vm.create({ kernel: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline, memoryMiB: spec.memoryMiB, cpus: spec.cpus, serialLog, bootProtocol: 'pvh', disks: [{ path: layer, readOnly: true }], vsock: { cid: 3, udsPath: vsockPath } });
   vm.start();
   const client = await waitForAgent({ vm, vsockPath, serialLog, layerDevices: [], origin: 'cold boot' }, AGENT_TIMEOUT_MS);
   const agentMs = ms(t0, process.hrtime.bigint());
@@ -92,7 +107,9 @@ export async function run(): Promise<void> {
   const kernel = findGuestKernel();
   if ('missing' in kernel) throw new Error(`the guest kernel is not built: ${kernel.missing}`);
   const work = mkdtempSync(join(tmpdir(), 'vmlet-template-bench-'));
-  const spec: TemplateSpec = { kernel: kernel.vmlinux, initrd: agentInitramfs(), cpus: 1, memoryMiB: 256, cmdline: guestCmdline('quiet') };
+  const spec: TemplateSpec = { kernel: kernel.vmlinux, initrd: agentInitramfs(), cpus: 1, memoryMiB: 256, cmdline: guestCmdline('quiet'), diskSlots: DEFAULT_DISK_SLOTS };
+  const layer = busyboxLayer(work);
+  const layers = [layer];
   const pool = new TemplatePool({ spec, root: join(work, 'templates'), stateDir: work, agentTimeoutMs: AGENT_TIMEOUT_MS });
   try {
     const loadBefore = loadavg()[0];
@@ -106,14 +123,14 @@ export async function run(): Promise<void> {
     const identity: number[] = [];
     const everyCold = Math.max(1, Math.floor(RUNS / Math.max(1, COLD_RUNS)));
     for (let i = 0; i < RUNS; i++) {
-      const g: RestoredGuest = await pool.acquire();
+      const g: RestoredGuest = await pool.acquire({ layers });
       const st = g.vm.stats();
       restoreAgent.push(ms(g.timings.restoreNs, g.timings.agentReadyNs));
       identity.push(ms(g.timings.agentReadyNs, g.timings.identityNs));
       if (st.restoredNs !== undefined && st.firstEntryNs !== undefined) hostRestore.push(ms(st.restoredNs, st.firstEntryNs));
       await g.close();
       if (cold.length < COLD_RUNS && i % everyCold === 0) {
-        const c = await coldBoot(spec, work);
+        const c = await coldBoot(spec, work, layer);
         cold.push(c.agentMs);
         await c.held.close();
       }
@@ -127,8 +144,8 @@ export async function run(): Promise<void> {
     row('SET_IDENTITY round trip', identity);
     console.log(`  cold boot / restore, agent ready: p50 ${(percentile(cold, 50) / percentile(restoreAgent, 50)).toFixed(1)}x, p90 ${(percentile(cold, 90) / percentile(restoreAgent, 90)).toFixed(1)}x`);
 
-    const heldRestored = await heldMemory(HELD, () => pool.acquire());
-    const heldCold = await heldMemory(HELD, async () => (await coldBoot(spec, work)).held);
+    const heldRestored = await heldMemory(HELD, () => pool.acquire({ layers }));
+    const heldCold = await heldMemory(HELD, async () => (await coldBoot(spec, work, layer)).held);
     console.log(`\nunique host memory per idle VM, ${HELD} held at once (MiB): restored USS ${heldRestored.uss.toFixed(1)} PSS ${heldRestored.pss.toFixed(1)}; cold-booted USS ${heldCold.uss.toFixed(1)} PSS ${heldCold.pss.toFixed(1)}; ratio USS cold/restored ${(heldCold.uss / heldRestored.uss).toFixed(1)}x`);
     console.log(`load average (1 min): ${loadBefore.toFixed(2)} before, ${loadavg()[0].toFixed(2)} after`);
     console.log('The lab nests KVM under TCG: compare the ratios, not the absolute times.');
