@@ -261,8 +261,7 @@ export class TemplatePool {
   private attachLayers(p: PreparedClone, layers: string[]): PreparedClone {
     const fixed = this.spec.disks?.length ?? 0;
     layers.forEach((path, i) => p.launched.vm.attachDisk(fixed + i, { path }));
-    const layerDevices = Array.from({ length: fixed + layers.length }, (_, i) => virtioBlkDevice(i));
-    return { ...p, launched: { ...p.launched, layerDevices } };
+    return { ...p, launched: { ...p.launched, layerDevices: this.layerDevices(layers) } };
   }
 
   /** Starts warm clones up to the target (no-op when warm is 0). */
@@ -373,6 +372,11 @@ export class TemplatePool {
     }
   }
 
+  /** The guest devices of the rootfs, lowest first: the fixed disks, then the slots holding `layers`. */
+  private layerDevices(layers: string[]): string[] {
+    return Array.from({ length: (this.spec.disks?.length ?? 0) + layers.length }, (_, i) => virtioBlkDevice(i));
+  }
+
   /** The template's disks in device order: the fixed ones, then the slots, the first filled with `layers`. */
   private templateDisks(layers: string[]): DiskConfig[] {
     const slots = Array.from({ length: this.spec.diskSlots ?? 0 }, (_, i): DiskConfig =>
@@ -388,7 +392,6 @@ export class TemplatePool {
     let vm: Vm | undefined;
     try {
       const restoreNs = process.hrtime.bigint();
-      const fixed = this.spec.disks ?? [];
       vm = await Vm.restore({
         snapshot: join(template.dir, 'snapshot'),
         serialLog,
@@ -399,9 +402,7 @@ export class TemplatePool {
         expect: { kernelSha256: String(template.manifest.inputs.kernel), initrdSha256: String(template.manifest.inputs.initrd) },
       });
       vm.start();
-      // Slots follow the fixed disks in device order, so the layers are the next devices.
-      const layerDevices = [...fixed, ...layers].map((_, i) => virtioBlkDevice(i));
-      const launched: LaunchedVm = { vm, vsockPath, serialLog, layerDevices, origin: 'template restore' };
+      const launched: LaunchedVm = { vm, vsockPath, serialLog, layerDevices: this.layerDevices(layers), origin: 'template restore' };
       const client = await waitForAgent(launched, this.restoreTimeoutMs, signal);
       return { launched, client, template, stateDir, restoreNs, agentReadyNs: process.hrtime.bigint() };
     } catch (e) {
