@@ -9,7 +9,8 @@ namespace {
 
 // Offsets inside the rings (virtio 1.x 2.7.6 and 2.7.8).
 constexpr uint64_t kAvailFlags = 0, kAvailIdx = 2, kAvailRing = 4;
-constexpr uint64_t kUsedIdx = 2, kUsedRing = 4;
+constexpr uint64_t kUsedFlags = 0, kUsedIdx = 2, kUsedRing = 4;
+constexpr uint16_t kUsedFlagNoNotify = 1;
 
 template <typename Copy>
 bool WalkStream(const std::vector<Segment>& segs, uint64_t offset, uint64_t len, Copy copy) {
@@ -203,6 +204,15 @@ bool Queue::AddUsed(GuestMemory& mem, uint16_t head, uint32_t len) {
     Broken("used ring is outside guest RAM");
     return false;
   }
+  return true;
+}
+
+bool Queue::SetDriverNotifications(GuestMemory& mem, bool enabled) {
+  if (!ready || broken || event_idx) return false;
+  if (!mem.StoreU16Release(used_ring + kUsedFlags, enabled ? 0 : kUsedFlagNoNotify)) return false;
+  // The flag must be visible before we read avail.idx again, or the driver
+  // may still see NO_NOTIFY for an entry we then miss (lost wake-up).
+  if (enabled) std::atomic_thread_fence(std::memory_order_seq_cst);
   return true;
 }
 
