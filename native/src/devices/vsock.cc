@@ -315,14 +315,14 @@ class VirtioVsock : public VirtioDevice {
     // A vCPU running beside this thread need not kick for packets this pass
     // finds anyway. The pass is bounded: the guest gets no descriptor back
     // before the batch is written, so it adds at most a ring's worth.
-    bool quiet = tx_->SetDriverNotifications(*mem_, false);
+    bool quiet = tx_->DisableDriverNotifications(*mem_);
     for (;;) {
       PopResult r = tx_->Pop(*mem_, limits, &chain);
       if (r == PopResult::kEmpty) {
         if (!quiet) break;
         quiet = false;
-        tx_->SetDriverNotifications(*mem_, true);
-        continue;
+        if (tx_->EnableDriverNotifications(*mem_)) continue;
+        break;
       }
       if (r == PopResult::kBrokenRing) {
         broken = true;

@@ -207,13 +207,18 @@ bool Queue::AddUsed(GuestMemory& mem, uint16_t head, uint32_t len) {
   return true;
 }
 
-bool Queue::SetDriverNotifications(GuestMemory& mem, bool enabled) {
+bool Queue::DisableDriverNotifications(GuestMemory& mem) {
   if (!ready || broken || event_idx) return false;
-  if (!mem.StoreU16Release(used_ring + kUsedFlags, enabled ? 0 : kUsedFlagNoNotify)) return false;
-  // The flag must be visible before we read avail.idx again, or the driver
-  // may still see NO_NOTIFY for an entry we then miss (lost wake-up).
-  if (enabled) std::atomic_thread_fence(std::memory_order_seq_cst);
-  return true;
+  return mem.StoreU16Release(used_ring + kUsedFlags, kUsedFlagNoNotify);
+}
+
+bool Queue::EnableDriverNotifications(GuestMemory& mem) {
+  if (!ready || broken) return false;
+  if (!event_idx && !mem.StoreU16Release(used_ring + kUsedFlags, 0)) return false;
+  // The cleared flag must be visible before we read avail.idx again, or the
+  // driver may still see NO_NOTIFY for an entry we then miss (lost wake-up).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  return HasAvailable(mem);
 }
 
 bool Queue::NeedsInterrupt(GuestMemory& mem) {
