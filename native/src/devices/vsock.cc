@@ -3,9 +3,10 @@
 // Threads: host sockets are served by one epoll thread. Guest notifies reach
 // it too, through eventfds the transport binds with KVM_IOEVENTFD, so the
 // vCPU goes back to the guest at once while this thread copies; without that
-// binding (the device tests, a host without ioeventfd) guest TX is parsed on
-// the vCPU thread that notifies. All take `mu_`, which guards everything
-// below it; no socket call made under it blocks (all fds are non-blocking).
+// binding (a host without ioeventfd, device tests without a binder) guest TX
+// is parsed on the vCPU thread that notifies. All take `mu_`, which guards
+// everything below it; no socket call made under it blocks (all fds are
+// non-blocking).
 //
 // Why the epoll thread and not the vCPU: in the standard-KVM lab (one CPU)
 // the host reader, woken by each ~32 KiB socket buffer the sendmsg queues,
