@@ -147,9 +147,43 @@ static int tx_packet(struct conn *c, u32 peer_port, u32 local_port, u16 op, u32 
   return 0;
 }
 
+/* Control packets that found the TX ring full wait here, in order, and go
+ * before any data: nothing would send them again, and losing one breaks a
+ * connection (a lost RESPONSE made the host reset the stream behind it).
+ * A ring drained asynchronously (vhost-vsock, or our VMM's device thread
+ * woken through KVM_IOEVENTFD) is often full when an RX packet asks for an
+ * answer; one drained at every kick, as the exit path did, almost never. */
+#define CTL_N 32
+static struct ctl {
+  struct conn *c;
+  u32 peer_port, local_port, flags;
+  u16 op;
+} ctl_q[CTL_N];
+static int ctl_n;
+static u64 ctl_deferred;
+
+static void tx_control(struct conn *c, u32 peer_port, u32 local_port, u16 op, u32 flags) {
+  if (ctl_n == 0 && tx_packet(c, peer_port, local_port, op, flags, 0) == 0) return;
+  if (ctl_n == CTL_N) {
+    tg_printf("TG vsock-warn what=control-queue-full op=%u\n", op);
+    return;
+  }
+  ctl_q[ctl_n++] = (struct ctl){c, peer_port, local_port, flags, op};
+  ctl_deferred++;
+}
+
+/* Sends what tx_control kept; 1 when nothing waits any more. */
+static int ctl_flush(void) {
+  int k = 0;
+  while (k < ctl_n && tx_packet(ctl_q[k].c, ctl_q[k].peer_port, ctl_q[k].local_port, ctl_q[k].op, ctl_q[k].flags, 0) == 0) k++;
+  for (int i = k; i < ctl_n; i++) ctl_q[i - k] = ctl_q[i];
+  ctl_n -= k;
+  return ctl_n == 0;
+}
+
 static void conn_fail(struct conn *c, const char *why) {
   if (!c->error) c->error = why;
-  if (c->state != C_CLOSED) tx_packet(NULL, c->peer_port, c->local_port, OP_RST, 0, 0);
+  if (c->state != C_CLOSED) tx_control(NULL, c->peer_port, c->local_port, OP_RST, 0);
   c->state = C_CLOSED;
   c->close_how = "error";
   c->t_end = rdtsc();
@@ -202,7 +236,7 @@ static void rx_packet(const u8 *buf, u32 used_len) {
     for (int i = 0; i < nconns; i++)
       if (conns[i].state == C_LISTEN && conns[i].local_port == h->dst_port) c = &conns[i];
     if (!c) {
-      tx_packet(NULL, h->src_port, h->dst_port, OP_RST, 0, 0);
+      tx_control(NULL, h->src_port, h->dst_port, OP_RST, 0);
       return;
     }
     c->peer_port = h->src_port;
@@ -210,11 +244,11 @@ static void rx_packet(const u8 *buf, u32 used_len) {
     c->peer_fwd_cnt = h->fwd_cnt;
     c->state = C_ESTABLISHED;
     c->t_begin = rdtsc();
-    tx_packet(c, c->peer_port, c->local_port, OP_RESPONSE, 0, 0);
+    tx_control(c, c->peer_port, c->local_port, OP_RESPONSE, 0);
     return;
   }
   if (!c) {
-    if (h->op != OP_RST) tx_packet(NULL, h->src_port, h->dst_port, OP_RST, 0, 0);
+    if (h->op != OP_RST) tx_control(NULL, h->src_port, h->dst_port, OP_RST, 0);
     return;
   }
   /* A connection we already closed (our RST or theirs) has nothing left to say. */
@@ -232,7 +266,7 @@ static void rx_packet(const u8 *buf, u32 used_len) {
       if (c->state == C_ESTABLISHED || c->state == C_CLOSING) rx_data(c, buf + HDR, h->len);
       break;
     case OP_CREDIT_REQUEST:
-      tx_packet(c, c->peer_port, c->local_port, OP_CREDIT_UPDATE, 0, 0);
+      tx_control(c, c->peer_port, c->local_port, OP_CREDIT_UPDATE, 0);
       vs.credit_updates_sent++;
       break;
     case OP_CREDIT_UPDATE:
@@ -240,14 +274,14 @@ static void rx_packet(const u8 *buf, u32 used_len) {
       break;
     case OP_SHUTDOWN:
       if (c->state == C_CLOSING) {
-        tx_packet(c, c->peer_port, c->local_port, OP_RST, 0, 0);
+        tx_control(c, c->peer_port, c->local_port, OP_RST, 0);
         c->state = C_CLOSED;
         c->close_how = "peer-shutdown";
         c->t_end = rdtsc();
       } else if ((h->flags & SHUT_SEND) && c->recvd < c->recv_total) {
         conn_fail(c, "peer-shutdown-before-all-data");
       } else if (c->sent >= c->send_total) {
-        tx_packet(c, c->peer_port, c->local_port, OP_RST, 0, 0);
+        tx_control(c, c->peer_port, c->local_port, OP_RST, 0);
         c->state = C_CLOSED;
         c->close_how = "peer-shutdown";
         c->t_end = rdtsc();
@@ -286,6 +320,9 @@ static void rx_drain(void) {
 static int conn_pump(struct conn *c) {
   int progress = 0;
   if (c->state != C_ESTABLISHED) return 0;
+  /* Not before the control packets kept for a full ring (this connection's
+   * RESPONSE may be among them). */
+  if (ctl_n) return 0;
   while (c->sent < c->send_total) {
     u32 inflight = (u32)c->sent - c->peer_fwd_cnt;
     u32 credit = c->peer_buf_alloc > inflight ? c->peer_buf_alloc - inflight : 0;
@@ -330,6 +367,11 @@ static int vs_run(void) {
     rx_drain();
     if (vs.pkts_rx != before) progress = 1;
     tx_reap();
+    if (ctl_n) {
+      int waiting = ctl_n;
+      ctl_flush();
+      if (ctl_n != waiting) progress = 1;
+    }
     for (int i = 0; i < nconns; i++) {
       struct conn *c = &conns[i];
       progress |= conn_pump(c);
@@ -338,7 +380,7 @@ static int vs_run(void) {
          * sooner: an RST makes the device drop bytes it has not yet written
          * to the host socket (seen with four guests in the standard-KVM lab
          * when this was ~0.4 s); Linux waits 8 s. */
-        tx_packet(c, c->peer_port, c->local_port, OP_RST, 0, 0);
+        tx_control(c, c->peer_port, c->local_port, OP_RST, 0);
         c->state = C_CLOSED;
         c->close_how = "forced-rst";
         c->t_end = rdtsc();
@@ -347,7 +389,8 @@ static int vs_run(void) {
     }
     if (vs.rx_pending) { virtq_kick(&vs.rxq); vs.rx_pending = 0; }
     if (vs.tx_pending) { virtq_kick(&vs.txq); vs.tx_pending = 0; }
-    if (!open) return 0;
+    /* Closed connections' last RSTs still go out. */
+    if (!open && !ctl_n) return 0;
     u64 now = rdtsc();
     if (progress) last_progress = now;
     else if (vs.dev->vector && now - last_progress <= TG_TIMEOUT_CYCLES) {
@@ -453,8 +496,8 @@ void vsock_check(void) {
   tg_printf("TG vsock cid=%lu bytes=%lu connect_port=%u listen_port=%u ready=1\n", vs.cid, n, tg_args.vsock_port, tg_args.vsock_listen);
   vs_run();
   for (int i = 0; i < nconns; i++) conn_report(&conns[i]);
-  tg_printf("TG vsock-stats pkts_rx=%lu pkts_tx=%lu credit_updates=%lu credit_requests=%lu\n", vs.pkts_rx, vs.pkts_tx,
-            vs.credit_updates_sent, vs.credit_requests_sent);
+  tg_printf("TG vsock-stats pkts_rx=%lu pkts_tx=%lu credit_updates=%lu credit_requests=%lu controls_deferred=%lu\n", vs.pkts_rx,
+            vs.pkts_tx, vs.credit_updates_sent, vs.credit_requests_sent, ctl_deferred);
   if (vs.dev->vector) {
     u64 count = tg_irq_counts[vs.dev->vector];
     /* Evidence of the interrupt path: the handshake wait when there is one,

@@ -1,4 +1,5 @@
 // The virtio-mmio v2 register interface (virtio 1.x 4.2.2) as a driver sees it.
+#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include "devices/blk.h"
@@ -29,6 +30,8 @@ class ProbeDevice : public virtio::VirtioDevice {
     activations++;
   }
   void QueueNotify(uint16_t q) override { notified.push_back(q); }
+  // Queue 0 only, when asked: queue 1 keeps the exit path.
+  int QueueNotifyFd(uint16_t q) override { return q == 0 ? notify_fd : -1; }
   void Reset() override {
     resets++;
     queues.clear();
@@ -38,6 +41,7 @@ class ProbeDevice : public virtio::VirtioDevice {
   uint64_t acked = 0;
   int activations = 0, resets = 0;
   std::vector<uint16_t> notified;
+  int notify_fd = -1;
   std::vector<virtio::Queue*> queues;
   std::shared_ptr<virtio::InterruptSink> sink;
 };
@@ -235,4 +239,91 @@ TEST_CASE("virtio_queue: NO_INTERRUPT in avail.flags suppresses interrupts witho
   drv.Notify(0);
   EXPECT(ring.HasUsed());
   EXPECT_EQ(irq->count.load(), 0);
+}
+
+TEST_CASE("virtio_mmio: notify eventfds are bound at DRIVER_OK, unbound on reset and on destruction; a refused bind keeps the exit path") {
+  GuestMemory mem({{0, 1 << 20}});
+  auto irq = std::make_shared<CountingIrq>();
+  auto dev = std::make_shared<ProbeDevice>();
+  dev->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  EXPECT(dev->notify_fd >= 0);
+  auto binder = std::make_shared<EventFdBinder>();
+  {
+    MmioTransport t(dev, &mem, irq, binder);
+    MmioDriver drv(t);
+    RingDriver r0(mem, 0x1000, 16), r1(mem, 0x3000, 8);
+    EXPECT(drv.Negotiate(virtio::kFeatureVersion1));
+    EXPECT_EQ(drv.SetupQueue(0, r0), 1u);
+    EXPECT_EQ(drv.SetupQueue(1, r1), 1u);
+    // Nothing before DRIVER_OK: a kick then would wake a device without queues.
+    EXPECT_EQ(t.bound_notifiers(), 0u);
+    drv.DriverOk();
+    EXPECT_EQ(t.bound_notifiers(), 1u);
+    EXPECT(binder->bound.count(0) && binder->bound[0] == dev->notify_fd);
+    // The bound kick ends in the eventfd, the other queue's exits to the device.
+    EXPECT(binder->Notify(drv, 0));
+    EXPECT(!binder->Notify(drv, 1));
+    uint64_t v = 0;
+    EXPECT(read(dev->notify_fd, &v, sizeof v) == sizeof v);
+    EXPECT_EQ(v, 1u);
+    EXPECT(dev->notified == std::vector<uint16_t>{1});
+    // Reset unbinds before the device forgets its queues.
+    drv.Write32(MmioTransport::kStatus, 0);
+    EXPECT_EQ(t.bound_notifiers(), 0u);
+    EXPECT_EQ(binder->unbinds, 1);
+    // Bound again after re-initialisation, and unbound when the transport goes.
+    EXPECT(drv.Negotiate(virtio::kFeatureVersion1));
+    EXPECT_EQ(drv.SetupQueue(0, r0), 1u);
+    drv.DriverOk();
+    EXPECT_EQ(t.bound_notifiers(), 1u);
+  }
+  EXPECT(binder->bound.empty());
+  EXPECT_EQ(binder->binds, 2);
+  EXPECT_EQ(binder->unbinds, 2);
+
+  // A host without KVM_IOEVENTFD (or out of ioeventfd slots) refuses: every kick exits.
+  binder->refuse = true;
+  dev->notified.clear();
+  {
+    MmioTransport t(dev, &mem, irq, binder);
+    MmioDriver drv(t);
+    RingDriver r0(mem, 0x1000, 16);
+    EXPECT(drv.Negotiate(virtio::kFeatureVersion1));
+    EXPECT_EQ(drv.SetupQueue(0, r0), 1u);
+    drv.DriverOk();
+    EXPECT_EQ(t.bound_notifiers(), 0u);
+    EXPECT(!binder->Notify(drv, 0));
+    EXPECT(dev->notified == std::vector<uint16_t>{0});
+  }
+  EXPECT_EQ(binder->unbinds, 2);
+  close(dev->notify_fd);
+}
+
+TEST_CASE("virtio_queue: NO_NOTIFY in used.flags without EVENT_IDX; re-enabling reports entries added meanwhile") {
+  for (bool event_idx : {false, true}) {
+    GuestMemory mem({{0, 1 << 20}});
+    auto irq = std::make_shared<CountingIrq>();
+    auto dev = std::make_shared<ProbeDevice>();
+    MmioTransport t(dev, &mem, irq);
+    MmioDriver drv(t);
+    RingDriver ring(mem, 0x1000, 16);
+    EXPECT(drv.Negotiate(virtio::kFeatureVersion1 | (event_idx ? virtio::kFeatureEventIdx : 0)));
+    EXPECT_EQ(drv.SetupQueue(0, ring), 1u);
+    drv.DriverOk();
+    virtio::Queue& q = *dev->queues.at(0);
+    // With EVENT_IDX the flag is not the device's to use: nothing changes.
+    EXPECT_EQ(q.DisableDriverNotifications(mem), !event_idx);
+    EXPECT_EQ(ring.UsedFlags(), event_idx ? 0u : 1u);
+    EXPECT(!q.EnableDriverNotifications(mem));
+    EXPECT_EQ(ring.UsedFlags(), 0u);
+    // The lost wake-up: the driver adds an entry while the flag is set and
+    // does not notify; re-enabling must say so, so the device pops again.
+    EXPECT_EQ(q.DisableDriverNotifications(mem), !event_idx);
+    ring.Add({{0x8000, 16, false}});
+    EXPECT(q.EnableDriverNotifications(mem));
+    EXPECT_EQ(ring.UsedFlags(), 0u);
+    virtio::DescriptorChain chain;
+    EXPECT(q.Pop(mem, virtio::ChainLimits{}, &chain) == virtio::PopResult::kChain);
+    EXPECT(!q.EnableDriverNotifications(mem));
+  }
 }

@@ -2,8 +2,12 @@
 // out in a GuestMemory exactly as a guest driver would, and virtio-mmio
 // register accesses in the order Linux's virtio_mmio.c makes them.
 #pragma once
+#include <unistd.h>
+
 #include <atomic>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "core/bus.h"
@@ -77,6 +81,11 @@ class RingDriver {
   uint16_t UsedIdx() {
     uint16_t v = 0;
     EXPECT(mem_.LoadU16Acquire(used_ + 2, &v));
+    return v;
+  }
+  uint16_t UsedFlags() {
+    uint16_t v = 0;
+    EXPECT(mem_.LoadU16Acquire(used_, &v));
     return v;
   }
   bool HasUsed() { return UsedIdx() != last_used_; }
@@ -160,6 +169,48 @@ class MmioDriver {
 
  private:
   MmioTransport& t_;
+};
+
+// Plays KVM's part: a bound (offset, value) write signals the eventfd and
+// never reaches the transport; anything else is an exit to the transport.
+struct EventFdBinder : IoEventBinder {
+  std::mutex mu;
+  std::map<uint64_t, int> bound;  // datamatch -> eventfd, for QueueNotify only
+  bool refuse = false;
+  int binds = 0, unbinds = 0;
+  bool Bind(uint64_t offset, uint32_t len, uint64_t datamatch, int fd) override {
+    std::lock_guard<std::mutex> g(mu);
+    EXPECT_EQ(offset, static_cast<uint64_t>(MmioTransport::kQueueNotify));
+    EXPECT_EQ(len, 4u);
+    EXPECT(fd >= 0);
+    if (refuse) return false;
+    EXPECT(!bound.count(datamatch));
+    bound[datamatch] = fd;
+    binds++;
+    return true;
+  }
+  void Unbind(uint64_t, uint32_t, uint64_t datamatch, int fd) override {
+    std::lock_guard<std::mutex> g(mu);
+    EXPECT(bound.count(datamatch) && bound[datamatch] == fd);
+    bound.erase(datamatch);
+    unbinds++;
+  }
+  // The guest's QueueNotify write: true when it ended in the eventfd.
+  bool Notify(MmioDriver& drv, uint32_t q) {
+    int fd = -1;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      auto it = bound.find(q);
+      if (it != bound.end()) fd = it->second;
+    }
+    if (fd < 0) {
+      drv.Notify(q);
+      return false;
+    }
+    uint64_t one = 1;
+    EXPECT(write(fd, &one, sizeof one) == sizeof one);
+    return true;
+  }
 };
 
 }  // namespace vmlet::testing

@@ -210,6 +210,43 @@ export function serveGuestConnect(udsPath: string, port: number, bytes: number, 
   return { server, result };
 }
 
+/** What the host end of a one-way guest stream (tg.mode=bench-vsock) has received so far. */
+export interface GuestStreamSink {
+  server: Server;
+  /** Bytes received so far (live). */
+  received(): number;
+  /** Resolves when the guest closes the stream: the byte count and the CRC-32 the guest prints as sent_crc32. */
+  done: Promise<{ bytes: number; crc: string }>;
+}
+
+/**
+ * Accepts the guest's bench-vsock connection on `<udsPath>_<port>` (our VMM's
+ * hybrid vsock) and counts and checksums what arrives until the guest closes.
+ */
+export function receiveGuestStream(udsPath: string, port: number): GuestStreamSink {
+  let bytes = 0;
+  let crc = 0;
+  let server!: Server;
+  const done = new Promise<{ bytes: number; crc: string }>((resolve, reject) => {
+    server = createServer((sock) => {
+      server.close();
+      sock.on('data', (d: Buffer) => {
+        bytes += d.length;
+        crc = crc32(d, crc);
+      });
+      sock.once('error', reject);
+      sock.once('end', () => {
+        sock.end();
+        resolve({ bytes, crc: crc.toString(16).padStart(8, '0') });
+      });
+    });
+    server.on('error', reject);
+    server.listen(`${udsPath}_${port}`);
+  });
+  done.catch(() => undefined);
+  return { server, received: () => bytes, done };
+}
+
 /** Host-initiated connection: `CONNECT <port>\n` on `<udsPath>`, answered by `OK <hostport>\n`. */
 export function connectToGuest(udsPath: string, port: number, bytes: number, seed: number): Promise<StreamResult> {
   const s = vsockSeeds(seed);

@@ -5,6 +5,8 @@
 // show up as ~8 MiB of RSS per VM.
 import { strict as assert } from 'node:assert';
 import { Vm } from '../../native/ts/vmm';
+import { one, parseTg, receiveGuestStream, requireTestguest, within } from '../../native/ts/testguest';
+import { readFileSync } from 'node:fs';
 import { requireKvm } from '../helpers/kvm';
 import { asm, writeImage } from './vm-images';
 import { Scratch, exitWithin, usage } from './vm-helpers';
@@ -78,5 +80,31 @@ describe('vm resource release on /dev/kvm', function () {
     assert.equal(after.guestRamMappings, before.guestRamMappings);
     assert.equal(after.vcpuThreads, before.vcpuThreads);
     assert.equal(after.fds, before.fds);
+  });
+
+  it('VMs whose guest streams over vsock (kicks bound to eventfds) leave no fds or threads behind', async function () {
+    this.timeout(180_000);
+    const kernel = requireTestguest();
+    const streamOne = async (i: number): Promise<void> => {
+      const uds = scratch.path(`stream-${i}.sock`), serialLog = scratch.path(`stream-${i}.log`);
+      const sink = receiveGuestStream(uds, 7000);
+      try {
+        const vm = await Vm.create({ kernel, cmdline: 'tg.mode=bench-vsock tg.vsock_port=7000 tg.mib=2', memoryMiB: 64, cpus: 1, serialLog, vsock: { cid: 3, udsPath: uds } });
+        vm.start();
+        assert.deepEqual(await exitWithin(vm, 60_000), { reason: 'guest-exit', code: 0 });
+        const got = await within(sink.done, 10_000, `VM ${i}: the host end of the guest stream`);
+        assert.equal(got.crc, one(parseTg(readFileSync(serialLog, 'latin1')), 'vsock-bench').fields.sent_crc32, `VM ${i}`);
+      } finally {
+        sink.server.close();
+      }
+    };
+    await streamOne(-1);
+    const before = usage();
+    for (let i = 0; i < 6; i++) await streamOne(i);
+    const after = usage();
+    console.log(`      usage before ${JSON.stringify(before)}, after 6 streaming VMs ${JSON.stringify(after)}`);
+    assert.equal(after.fds, before.fds, 'file descriptors (notify eventfds, irqfds, sockets)');
+    assert.equal(after.threads, before.threads, 'threads (vsock event loops)');
+    assert.equal(after.vcpuThreads, 0, 'vCPU threads');
   });
 });

@@ -45,4 +45,18 @@ class IrqLine {
   virtual void Trigger() = 0;
 };
 
+// Guest writes that end in the kernel instead of a VM exit: Bind asks that a
+// `len`-byte write of `datamatch` at `offset` of one device's window signal
+// the eventfd `fd` (KVM_IOEVENTFD). The write is then never seen by the bus;
+// any other write still is. Bind returns false when the host cannot do it,
+// and the caller keeps the exit path. The binder references the VM, so every
+// binding must be undone (Unbind, same arguments) before the VM fd closes,
+// and `fd` must stay open until then: KVM matches the binding by eventfd.
+class IoEventBinder {
+ public:
+  virtual ~IoEventBinder() = default;
+  virtual bool Bind(uint64_t offset, uint32_t len, uint64_t datamatch, int fd) = 0;
+  virtual void Unbind(uint64_t offset, uint32_t len, uint64_t datamatch, int fd) = 0;
+};
+
 }  // namespace vmlet

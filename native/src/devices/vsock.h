@@ -4,8 +4,10 @@
 //  - a host client connects to `<uds_path>` and writes `CONNECT <port>\n`
 //    -> we send OP_REQUEST to guest port <port>; on OP_RESPONSE the client
 //    reads `OK <host_port>\n` and the stream follows; on OP_RST it is closed.
-// One epoll thread per device moves host-socket bytes; guest TX is handled on
-// the vCPU thread that notifies. Shutdown() joins the thread.
+// One epoll thread per device moves host-socket bytes and serves the guest's
+// RX/TX kicks when the transport binds them to its eventfds (KVM_IOEVENTFD);
+// otherwise guest TX is handled on the vCPU thread that notifies. Shutdown()
+// joins the thread.
 #pragma once
 #include <cstdint>
 #include <memory>

@@ -124,4 +124,30 @@ void IrqFdLine::Trigger() {
   (void)r;
 }
 
+namespace {
+kvm_ioeventfd IoEventFdRequest(uint64_t addr, uint32_t len, uint64_t datamatch, int fd) {
+  kvm_ioeventfd req{};
+  req.datamatch = datamatch;
+  req.addr = addr;
+  req.len = len;
+  req.fd = fd;
+  req.flags = KVM_IOEVENTFD_FLAG_DATAMATCH;
+  return req;
+}
+}  // namespace
+
+bool IoEventFdBinder::Bind(uint64_t offset, uint32_t len, uint64_t datamatch, int fd) {
+  kvm_ioeventfd req = IoEventFdRequest(base_ + offset, len, datamatch, fd);
+  // Refusal (no KVM_CAP_IOEVENTFD, the per-VM bus device limit) is not an
+  // error: the caller keeps the exit path, which is slower but complete.
+  return ioctl(vm_fd_, KVM_IOEVENTFD, &req) == 0;
+}
+
+void IoEventFdBinder::Unbind(uint64_t offset, uint32_t len, uint64_t datamatch, int fd) {
+  kvm_ioeventfd req = IoEventFdRequest(base_ + offset, len, datamatch, fd);
+  req.flags |= KVM_IOEVENTFD_FLAG_DEASSIGN;
+  // Fails only if the binding is already gone; the VM drops the rest when it closes.
+  (void)ioctl(vm_fd_, KVM_IOEVENTFD, &req);
+}
+
 }  // namespace vmlet::kvm

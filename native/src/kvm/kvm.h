@@ -76,4 +76,19 @@ class IrqFdLine : public IrqLine {
   uint32_t gsi_;
 };
 
+// Guest writes to one device window that KVM turns into eventfd signals
+// (KVM_IOEVENTFD with a datamatch), so they never exit to userspace. Holds
+// the VM fd without owning it: the Machine destroys every transport (which
+// unbinds) before it closes the VM.
+class IoEventFdBinder : public IoEventBinder {
+ public:
+  IoEventFdBinder(int vm_fd, uint64_t window_base) : vm_fd_(vm_fd), base_(window_base) {}
+  bool Bind(uint64_t offset, uint32_t len, uint64_t datamatch, int fd) override;
+  void Unbind(uint64_t offset, uint32_t len, uint64_t datamatch, int fd) override;
+
+ private:
+  int vm_fd_;
+  uint64_t base_;
+};
+
 }  // namespace vmlet::kvm

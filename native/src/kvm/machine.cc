@@ -240,6 +240,7 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
   // virtio-mmio devices: disks, then vsock; window i at base + i*4K on GSI 5+i.
   cmdline_ = config.boot.cmdline;
   uint32_t slot_index = 0;
+  bool ioeventfd = kvm_->CheckExtension(KVM_CAP_IOEVENTFD) > 0;
   auto add_virtio = [&](std::shared_ptr<virtio::VirtioDevice> dev) {
     uint64_t base = boot::kVirtioMmioBase + slot_index * boot::kVirtioMmioStride;
     uint32_t gsi = boot::kVirtioFirstGsi + slot_index;
@@ -249,7 +250,9 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
       throw VmmError(ErrorKind::InvalidArgument, "create VM",
                      "more than " + std::to_string(boot::kIoapicPins - boot::kVirtioFirstGsi) +
                          " virtio devices: GSIs 5..23 are all taken; use fewer disks");
-    auto transport = std::make_shared<MmioTransport>(dev, mem_.get(), std::make_shared<IrqFdLine>(vm_fd_, gsi));
+    std::shared_ptr<IoEventBinder> binder;
+    if (ioeventfd) binder = std::make_shared<IoEventFdBinder>(vm_fd_, base);
+    auto transport = std::make_shared<MmioTransport>(dev, mem_.get(), std::make_shared<IrqFdLine>(vm_fd_, gsi), binder);
     if (!mmio_.Insert(base, MmioTransport::kWindowSize, transport))
       throw VmmError(ErrorKind::Device, "insert virtio-mmio device", "window " + Hex(base) + " overlaps another");
     virtio_devices_.push_back(std::move(dev));

@@ -56,8 +56,20 @@ class VirtioDevice {
   // DRIVER_OK: queues validated (a queue the driver left disabled has
   // ready == false and must be ignored); the device may start using them.
   virtual void Activate(GuestMemory* mem, std::vector<Queue*> queues, std::shared_ptr<InterruptSink> irq) = 0;
-  // On the vCPU thread that wrote QueueNotify.
+  // On the vCPU thread that wrote QueueNotify (the exit path; see below).
   virtual void QueueNotify(uint16_t queue_index) = 0;
+  // Notifications that skip the vCPU: a device serving queue `queue_index`
+  // on its own thread returns an eventfd it watches for that queue, and the
+  // transport has KVM signal it when the driver writes the index to
+  // QueueNotify, so the notify never exits to userspace. -1: exits only.
+  // Called after Activate, under the transport's lock; the fd must stay open
+  // until the device is destroyed (the transport unbinds it on reset and on
+  // its own destruction, which may come after Shutdown). A notify that has
+  // signalled the eventfd but not been served yet when a snapshot quiesces
+  // the device is the device's to serve in QuiesceForSnapshot: the vCPU that
+  // wrote it has moved on, and the saved rings must not hold a kick nobody
+  // will repeat.
+  virtual int QueueNotifyFd(uint16_t /*queue_index*/) { return -1; }
   // Driver wrote 0 to Status: forget the queues and all in-flight state.
   // After return the device touches neither the queues nor guest memory.
   virtual void Reset() = 0;

@@ -55,8 +55,9 @@ void SetHigh(uint64_t* field, uint32_t v) { *field = (*field & 0xffffffffull) | 
 
 }  // namespace
 
-MmioTransport::MmioTransport(std::shared_ptr<VirtioDevice> dev, GuestMemory* mem, std::shared_ptr<IrqLine> irq)
-    : dev_(std::move(dev)), mem_(mem), shared_(std::make_shared<Shared>()) {
+MmioTransport::MmioTransport(std::shared_ptr<VirtioDevice> dev, GuestMemory* mem, std::shared_ptr<IrqLine> irq,
+                             std::shared_ptr<IoEventBinder> notify_binder)
+    : dev_(std::move(dev)), mem_(mem), shared_(std::make_shared<Shared>()), binder_(std::move(notify_binder)) {
   shared_->irq = std::move(irq);
   sink_ = std::make_shared<MmioInterruptSink>(shared_);
   for (uint16_t max : dev_->queue_max_sizes()) {
@@ -68,10 +69,38 @@ MmioTransport::MmioTransport(std::shared_ptr<VirtioDevice> dev, GuestMemory* mem
 }
 
 // The queues die with us: a device whose own thread outlives the transport
-// (a vsock device not yet shut down) must let go of them first.
-MmioTransport::~MmioTransport() { dev_->Reset(); }
+// (a vsock device not yet shut down) must let go of them first. The
+// bindings go before that, while the VM (which holds them) still exists.
+MmioTransport::~MmioTransport() {
+  std::lock_guard<std::mutex> lock(mu_);
+  UnbindNotifiersLocked();
+  dev_->Reset();
+}
 
 uint32_t MmioTransport::status() const { return shared_->status.load(); }
+
+size_t MmioTransport::bound_notifiers() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return bound_.size();
+}
+
+// After Activate: a notify bound earlier could wake a device thread that has
+// no queues yet, and the notification would be lost. One racing on another
+// vCPU meanwhile exits, waits for mu_ and is handed over by QueueNotify.
+void MmioTransport::BindNotifiersLocked() {
+  if (!binder_) return;
+  for (size_t i = 0; i < queues_.size(); i++) {
+    if (!queues_[i].ready) continue;
+    int fd = dev_->QueueNotifyFd(static_cast<uint16_t>(i));
+    if (fd < 0) continue;
+    if (binder_->Bind(kQueueNotify, 4, i, fd)) bound_.push_back({static_cast<uint16_t>(i), fd});
+  }
+}
+
+void MmioTransport::UnbindNotifiersLocked() {
+  for (auto& b : bound_) binder_->Unbind(kQueueNotify, 4, b.queue, b.fd);
+  bound_.clear();
+}
 
 Queue* MmioTransport::SelectedQueue() {
   return queue_sel_ < queues_.size() ? &queues_[queue_sel_] : nullptr;
@@ -216,14 +245,17 @@ void MmioTransport::WriteStatus(uint32_t v) {
     shared_->status.store(next);
     activated_ = true;
     dev_->Activate(mem_, std::move(qs), sink_);
+    BindNotifiersLocked();
     return;
   }
   shared_->status.store(next);
 }
 
 void MmioTransport::ResetLocked() {
-  // The device first, so it stops touching queues (its threads may be
-  // mid-packet) before we wipe them.
+  // Unbound first, so no new notification reaches a device thread; then the
+  // device, so it stops touching queues (its threads may be mid-packet)
+  // before we wipe them.
+  UnbindNotifiersLocked();
   dev_->Reset();
   activated_ = false;
   for (auto& q : queues_) q.Reset();
@@ -317,6 +349,7 @@ void MmioTransport::RestoreState(snapshot::Reader& r) {
     for (auto& q : queues_) qs.push_back(&q);
     activated_ = true;
     dev_->Activate(mem_, std::move(qs), sink_);
+    BindNotifiersLocked();
   }
 }
 

@@ -5,8 +5,19 @@
 //
 // Hazards: registers are written by any vCPU at any time, in any order a
 // buggy or hostile driver likes; the device's own threads (vsock) signal
-// interrupts concurrently. One mutex serialises register access and queue
-// notification; interrupt status is atomic so signalling never takes it.
+// interrupts concurrently. One mutex serialises register access, reset and
+// queue notification on the exit path; interrupt status is atomic so
+// signalling never takes it.
+//
+// Notifications through KVM_IOEVENTFD: with a binder, the eventfd a device
+// offers for a queue (VirtioDevice::QueueNotifyFd) is bound at DRIVER_OK to
+// "QueueNotify written with this queue's index" and unbound, under the same
+// mutex, before the device is reset or the transport dies. The device's
+// thread then serves that queue without this lock; the device's own lock
+// orders it against Activate/Reset (which the transport calls under mu_;
+// the device never calls back into the transport with its lock held, so
+// the order is always mu_ -> device lock). Any other write (another value,
+// another width, a host without ioeventfd) still exits and is handled here.
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -23,7 +34,9 @@ namespace vmlet {
 
 class MmioTransport : public BusDevice {
  public:
-  MmioTransport(std::shared_ptr<virtio::VirtioDevice> dev, GuestMemory* mem, std::shared_ptr<IrqLine> irq);
+  // notify_binder may be null: every notify then takes the exit path.
+  MmioTransport(std::shared_ptr<virtio::VirtioDevice> dev, GuestMemory* mem, std::shared_ptr<IrqLine> irq,
+                std::shared_ptr<IoEventBinder> notify_binder = nullptr);
   ~MmioTransport() override;
   static constexpr uint64_t kWindowSize = 0x1000;
 
@@ -33,6 +46,8 @@ class MmioTransport : public BusDevice {
   const std::shared_ptr<virtio::VirtioDevice>& device() const { return dev_; }
   // For diagnostics and tests: the driver-visible Status register.
   uint32_t status() const;
+  // For tests: how many queues currently have their notify bound to an eventfd.
+  size_t bound_notifiers() const;
 
   // Snapshot: registers, queue configuration and progress, then the
   // device's own state. RestoreState on a fresh transport (nothing written by
@@ -84,13 +99,21 @@ class MmioTransport : public BusDevice {
  private:
   void WriteStatus(uint32_t v);
   void ResetLocked();
+  void BindNotifiersLocked();
+  void UnbindNotifiersLocked();
   virtio::Queue* SelectedQueue();
 
   std::shared_ptr<virtio::VirtioDevice> dev_;
   GuestMemory* mem_;
   std::shared_ptr<Shared> shared_;
   std::shared_ptr<virtio::InterruptSink> sink_;
-  std::mutex mu_;
+  std::shared_ptr<IoEventBinder> binder_;
+  struct BoundNotifier {
+    uint16_t queue;
+    int fd;
+  };
+  mutable std::mutex mu_;
+  std::vector<BoundNotifier> bound_;
   std::vector<virtio::Queue> queues_;
   uint64_t device_features_;
   uint32_t device_features_sel_ = 0;

@@ -9,7 +9,8 @@ namespace {
 
 // Offsets inside the rings (virtio 1.x 2.7.6 and 2.7.8).
 constexpr uint64_t kAvailFlags = 0, kAvailIdx = 2, kAvailRing = 4;
-constexpr uint64_t kUsedIdx = 2, kUsedRing = 4;
+constexpr uint64_t kUsedFlags = 0, kUsedIdx = 2, kUsedRing = 4;
+constexpr uint16_t kUsedFlagNoNotify = 1;
 
 template <typename Copy>
 bool WalkStream(const std::vector<Segment>& segs, uint64_t offset, uint64_t len, Copy copy) {
@@ -204,6 +205,20 @@ bool Queue::AddUsed(GuestMemory& mem, uint16_t head, uint32_t len) {
     return false;
   }
   return true;
+}
+
+bool Queue::DisableDriverNotifications(GuestMemory& mem) {
+  if (!ready || broken || event_idx) return false;
+  return mem.StoreU16Release(used_ring + kUsedFlags, kUsedFlagNoNotify);
+}
+
+bool Queue::EnableDriverNotifications(GuestMemory& mem) {
+  if (!ready || broken) return false;
+  if (!event_idx && !mem.StoreU16Release(used_ring + kUsedFlags, 0)) return false;
+  // The cleared flag must be visible before we read avail.idx again, or the
+  // driver may still see NO_NOTIFY for an entry we then miss (lost wake-up).
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  return HasAvailable(mem);
 }
 
 bool Queue::NeedsInterrupt(GuestMemory& mem) {

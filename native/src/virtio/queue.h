@@ -130,6 +130,16 @@ struct Queue {
   bool NeedsInterrupt(GuestMemory& mem);
   // Whether the avail ring holds entries not yet popped (no side effects).
   bool HasAvailable(const GuestMemory& mem) const;
+  // While a device thread drains this queue anyway, the driver need not
+  // notify (VIRTQ_USED_F_NO_NOTIFY, virtio 1.x 2.7.7; what vhost does). Only
+  // without EVENT_IDX: with it the device asks for one notify through
+  // avail_event (Pop), and used.flags means nothing. Disable returns whether
+  // it set the flag (false with EVENT_IDX or a ring outside RAM, which Pop
+  // reports); then Enable is owed, and it returns true when the avail ring
+  // holds entries not yet popped: the driver may have added them while the
+  // flag was set and rightly not notified, so the caller pops again.
+  bool DisableDriverNotifications(GuestMemory& mem);
+  bool EnableDriverNotifications(GuestMemory& mem);
 
  private:
   PopResult Broken(std::string why);
