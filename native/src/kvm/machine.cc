@@ -278,7 +278,8 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
   if (!image) {
     boot::BootSpec spec = config.boot;
     spec.cmdline = cmdline_;
-    plan_ = boot::LoadKernel(*mem_, spec);
+    // mem_ was created just above and nothing has written to it yet.
+    plan_ = boot::LoadKernel(*mem_, spec, boot::RamState::Zero);
     boot::WriteMpTable(*mem_, config.cpus);
   }
 
