@@ -89,6 +89,8 @@ interface Boot {
   createMs?: number;
   /** Ours only: start -> first KVM_RUN (CLOCK_MONOTONIC, the clock of process.hrtime). */
   toEntryMs?: number;
+  /** Ours only: kernel + initrd read into guest RAM (stats().bootLoadNs), part of the above. */
+  loadMs?: number;
 }
 
 /**
@@ -137,6 +139,7 @@ async function bootOurs(dir: string, kernel: string, initrd: string, cmdline: st
     vmmStartMs: st.firstEntryNs !== undefined && st.createdNs !== undefined ? Number(st.firstEntryNs - st.createdNs) / 1e6 : undefined,
     createMs: Number(created - t0) / 1e6,
     toEntryMs: st.firstEntryNs !== undefined ? Number(st.firstEntryNs - t0) / 1e6 : undefined,
+    loadMs: st.bootLoadNs !== undefined ? Number(st.bootLoadNs) / 1e6 : undefined,
   };
 }
 
@@ -480,6 +483,7 @@ export async function run(): Promise<void> {
       const split = (f: (b: Boot) => number | undefined): number[] => ours[c].flatMap((b) => (f(b) === undefined ? [] : [f(b)!]));
       console.log(row('  of which start -> Vm.create() resolved (ours)', split((b) => b.createMs), []));
       console.log(row('  of which start -> first KVM_RUN (ours)', split((b) => b.toEntryMs), []));
+      console.log(row('    of which kernel + initrd into guest RAM (ours)', split((b) => b.loadMs), []));
       console.log(row('  of which first KVM_RUN -> guest clock (ours)', split((b) => (b.toEntryMs === undefined || b.kernelInitMs === undefined ? undefined : b.toInitMs - b.kernelInitMs - b.toEntryMs)), []));
     });
     console.log(`  agent initramfs, cmdline "${agentCmdline}"`);
