@@ -59,7 +59,7 @@ async function coldBoot(spec: TemplateSpec, parent: string, layer: string): Prom
   const vsockPath = join(dir, 'vsock.sock');
   const serialLog = join(dir, 'serial.log');
   const t0 = process.hrtime.bigint();
-  const vm = await Vm.create({ kernel: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline, memoryMiB: spec.memoryMiB, cpus: spec.cpus, serialLog, bootProtocol: 'pvh', disks: [{ path: layer, readOnly: true }], vsock: { cid: 3, udsPath: vsockPath } });
+  const vm = await Vm.create({ kernel: spec.kernel, initrd: spec.initrd, cmdline: spec.cmdline, memoryMiB: spec.memoryMiB, cpus: spec.cpus, serialLog, bootProtocol: 'linux', disks: [{ path: layer, readOnly: true }], vsock: { cid: 3, udsPath: vsockPath } });
   vm.start();
   const client = await waitForAgent({ vm, vsockPath, serialLog, layerDevices: [], origin: 'cold boot' }, AGENT_TIMEOUT_MS);
   const agentMs = ms(t0, process.hrtime.bigint());

@@ -148,7 +148,7 @@ std::vector<uint8_t> Pattern(size_t n, uint8_t seed) {
 // Runs the loader and returns the BootError message; fails if it did not throw one.
 std::string BootErrorOf(GuestMemory& mem, const BootSpec& spec) {
   try {
-    LoadKernel(mem, spec);
+    LoadKernel(mem, spec, RamState::Zero);
   } catch (const VmmError& e) {
     if (e.kind() != ErrorKind::Boot) throw testing::Failure(std::string("expected a BootError, got: ") + e.what());
     return e.what();
@@ -194,7 +194,7 @@ TEST_CASE("boot: PVH ELF64 gets start_info, memmap, command line and initrd modu
   es.entry = 0x100010;
   auto initrd = Pattern(100000, 9);
   BootSpec spec{TempFile("pvh64", MakeElf(es)), TempFile("initrd", initrd), "console=ttyS0 tg.mode=all", Protocol::Auto};
-  BootPlan plan = LoadKernel(mem, spec);
+  BootPlan plan = LoadKernel(mem, spec, RamState::Zero);
   EXPECT(plan.protocol == Protocol::Pvh);
   EXPECT_EQ(plan.entry, uint64_t{0x100010});
   EXPECT_EQ(plan.boot_info, kPvhStartInfo);
@@ -245,7 +245,7 @@ TEST_CASE("boot: PVH ELF32 (i386) with the note is accepted, without initrd no m
   ElfSpec es;
   es.is64 = false;
   es.entry = 0x100000;
-  BootPlan plan = LoadKernel(mem, BootSpec{TempFile("pvh32", MakeElf(es)), "", "", Protocol::Pvh});
+  BootPlan plan = LoadKernel(mem, BootSpec{TempFile("pvh32", MakeElf(es)), "", "", Protocol::Pvh}, RamState::Zero);
   EXPECT(plan.protocol == Protocol::Pvh);
   EXPECT_EQ(plan.entry, uint64_t{0x100000});
   auto si = Get<HvmStartInfo>(mem, kPvhStartInfo);
@@ -262,7 +262,7 @@ TEST_CASE("boot: an ELF64 vmlinux without PVH note gets boot_params, e820, cmdli
   es.entry = 0x1000000;
   es.code = Pattern(4096, 3);
   auto initrd = Pattern(5000, 4);
-  BootPlan plan = LoadKernel(mem, BootSpec{TempFile("vmlinux", MakeElf(es)), TempFile("initrd2", initrd), "root=/dev/vda", Protocol::Auto});
+  BootPlan plan = LoadKernel(mem, BootSpec{TempFile("vmlinux", MakeElf(es)), TempFile("initrd2", initrd), "root=/dev/vda", Protocol::Auto}, RamState::Zero);
   EXPECT(plan.protocol == Protocol::Linux64);
   EXPECT_EQ(plan.entry, uint64_t{0x1000000});
   EXPECT_EQ(plan.boot_info, kZeroPage);
@@ -302,7 +302,7 @@ TEST_CASE("boot: a bzImage's setup header is copied, the kernel loaded at 1 MiB,
   auto initrd = Pattern(70000, 6);
   uint32_t initrd_max = 32 * kMiB - 1;
   BootPlan plan = LoadKernel(mem, BootSpec{TempFile("bz", MakeBzImage(0x020f, initrd_max, 255, payload)), TempFile("initrd3", initrd),
-                                           "console=ttyS0", Protocol::Auto});
+                                           "console=ttyS0", Protocol::Auto}, RamState::Zero);
   EXPECT(plan.protocol == Protocol::Linux64);
   EXPECT_EQ(plan.kernel_start, uint64_t{0x100000});
   EXPECT_EQ(plan.entry, uint64_t{0x100200});  // startup_64
@@ -427,4 +427,193 @@ TEST_CASE("boot: the MP table announces every vCPU, the IOAPIC and 24 interrupt 
   EXPECT_EQ(WriteMpTable(mem, 254) <= kHighMemStart, true);
   EXPECT_THROWS(WriteMpTable(mem, 0));
   EXPECT_THROWS(WriteMpTable(mem, 255));
+}
+
+// The loader reads only headers into the process and preads every payload
+// straight into guest RAM; these pin down the edges of that path.
+namespace {
+
+struct RawSegment {
+  uint32_t type;
+  uint64_t offset, paddr, filesz, memsz;
+  std::vector<uint8_t> bytes;  // written at `offset` (may be shorter than filesz to fake a lie)
+};
+
+// An ELF64 x86-64 file with the program header table at `phoff` and the given
+// segments' bytes at their offsets; `file_size` pads (or cuts) the file.
+std::vector<uint8_t> RawElf64(uint64_t entry, uint64_t phoff, const std::vector<RawSegment>& segs, uint64_t file_size) {
+  std::vector<uint8_t> b(64, 0);
+  std::memcpy(b.data(), "\x7f" "ELF", 4);
+  b[4] = 2;
+  b[5] = 1;
+  b[6] = 1;
+  Put<uint16_t>(b, 16, 2);
+  Put<uint16_t>(b, 18, 62);
+  Put<uint32_t>(b, 20, 1);
+  Put<uint64_t>(b, 24, entry);
+  Put<uint64_t>(b, 32, phoff);
+  Put<uint16_t>(b, 52, 64);
+  Put<uint16_t>(b, 54, 56);
+  Put<uint16_t>(b, 56, static_cast<uint16_t>(segs.size()));
+  for (size_t i = 0; i < segs.size(); i++) {
+    uint64_t p = phoff + i * 56;
+    Put<uint32_t>(b, p, segs[i].type);
+    Put<uint64_t>(b, p + 8, segs[i].offset);
+    Put<uint64_t>(b, p + 16, segs[i].paddr);
+    Put<uint64_t>(b, p + 24, segs[i].paddr);
+    Put<uint64_t>(b, p + 32, segs[i].filesz);
+    Put<uint64_t>(b, p + 40, segs[i].memsz);
+    if (b.size() < segs[i].offset + segs[i].bytes.size()) b.resize(segs[i].offset + segs[i].bytes.size());
+    std::memcpy(b.data() + segs[i].offset, segs[i].bytes.data(), segs[i].bytes.size());
+  }
+  b.resize(file_size);
+  return b;
+}
+
+std::vector<uint8_t> PvhNote(uint32_t entry) {
+  std::vector<uint8_t> n(20, 0);
+  Put<uint32_t>(n, 0, 4);
+  Put<uint32_t>(n, 4, 4);
+  Put<uint32_t>(n, 8, 18);
+  std::memcpy(n.data() + 12, "Xen", 4);
+  Put<uint32_t>(n, 16, entry);
+  return n;
+}
+
+std::vector<uint8_t> GuestBytes(const GuestMemory& mem, uint64_t gpa, uint64_t len) {
+  std::vector<uint8_t> b(len);
+  if (!mem.Read(gpa, b.data(), len)) throw testing::Failure("guest read at " + std::to_string(gpa) + " failed");
+  return b;
+}
+
+void Fill(GuestMemory& mem, uint8_t byte) {
+  for (auto& r : mem.regions()) std::memset(r.host, byte, r.size);
+}
+
+}  // namespace
+
+TEST_CASE("boot: a segment that starts or runs past the end of the file is refused before anything is read") {
+  GuestMemory mem(RamLayout(16 * kMiB));
+  auto code = Pattern(8192, 3);
+  // p_offset inside the file, p_filesz reaching 1 byte past its end.
+  auto short_by_one = RawElf64(0x100000, 64, {{1, 0x1000, 0x100000, 8193, 8193, code}}, 0x1000 + 8192);
+  EXPECT_CONTAINS(BootErrorOf(mem, {TempFile("seg-eof-1", short_by_one), "", "", Protocol::Linux64}),
+                  "file is truncated: segment 0 (8193 bytes at offset 0x1000) lies past its end (12288 bytes)");
+  // p_offset itself beyond the end.
+  auto beyond = RawElf64(0x100000, 64, {{1, 0x100000, 0x100000, 16, 16, {}}}, 0x2000);
+  EXPECT_CONTAINS(BootErrorOf(mem, {TempFile("seg-eof-2", beyond), "", "", Protocol::Linux64}),
+                  "file is truncated: segment 0 (16 bytes at offset 0x100000) lies past its end");
+  // p_offset + p_filesz wrapping around 2^64 is not "inside the file".
+  auto wraps = RawElf64(0x100000, 64, {{1, 0x1000, 0x100000, ~uint64_t{0} - 0x800, ~uint64_t{0} - 0x800, code}}, 0x3000);
+  EXPECT_CONTAINS(BootErrorOf(mem, {TempFile("seg-wrap", wraps), "", "", Protocol::Linux64}), "file is truncated: segment 0");
+  // A segment that fits the file but not guest RAM.
+  auto past_ram = RawElf64(0x100000, 64, {{1, 0x1000, 16 * kMiB - 4096, 8192, 8192, code}}, 0x1000 + 8192);
+  EXPECT_CONTAINS(BootErrorOf(mem, {TempFile("seg-ram", past_ram), "", "", Protocol::Linux64}),
+                  "does not fit in guest RAM (16 MiB): give the VM more memory");
+}
+
+TEST_CASE("boot: p_filesz < p_memsz: file bytes are placed, the bss is cleared only when RAM may hold data") {
+  auto code = Pattern(5000, 11);
+  auto file = TempFile("bss", RawElf64(0x200000, 64, {{1, 0x1000, 0x200000, 5000, 0x4000, code}}, 0x1000 + 5000));
+  {
+    // RamState::Zero: the loader relies on fresh RAM reading as zero and leaves
+    // the bss alone (a sentinel written on purpose shows it was not touched).
+    GuestMemory mem(RamLayout(16 * kMiB));
+    Fill(mem, 0xaa);
+    BootPlan plan = LoadKernel(mem, BootSpec{file, "", "", Protocol::Linux64}, RamState::Zero);
+    EXPECT_EQ(plan.kernel_start, uint64_t{0x200000});
+    EXPECT_EQ(plan.kernel_end, uint64_t{0x204000});
+    EXPECT(GuestBytes(mem, 0x200000, 5000) == code);
+    EXPECT(GuestBytes(mem, 0x200000 + 5000, 0x4000 - 5000) == std::vector<uint8_t>(0x4000 - 5000, 0xaa));
+  }
+  {
+    GuestMemory mem(RamLayout(16 * kMiB));
+    Fill(mem, 0xaa);
+    LoadKernel(mem, BootSpec{file, "", "", Protocol::Linux64}, RamState::MayHoldData);
+    EXPECT(GuestBytes(mem, 0x200000, 5000) == code);
+    EXPECT(GuestBytes(mem, 0x200000 + 5000, 0x4000 - 5000) == std::vector<uint8_t>(0x4000 - 5000, 0));
+    // Exactly p_memsz: the byte after it is not the kernel's.
+    EXPECT_EQ(Get<uint8_t>(mem, 0x204000), uint8_t{0xaa});
+    EXPECT_EQ(Get<uint8_t>(mem, 0x1fffff), uint8_t{0xaa});
+  }
+  {
+    // Fresh RAM reads as zero without the loader's help.
+    GuestMemory mem(RamLayout(16 * kMiB));
+    LoadKernel(mem, BootSpec{file, "", "", Protocol::Linux64}, RamState::Zero);
+    EXPECT(GuestBytes(mem, 0x200000 + 5000, 0x4000 - 5000) == std::vector<uint8_t>(0x4000 - 5000, 0));
+  }
+}
+
+TEST_CASE("boot: only PT_LOAD bytes are read: a kernel file larger than guest RAM loads when its segments fit") {
+  // Like a vmlinux, whose symbol tables follow the loadable segments: 20 MiB of
+  // file for a 16 MiB guest, 12 KiB of it loadable.
+  GuestMemory mem(RamLayout(16 * kMiB));
+  auto text = Pattern(8192, 21), data = Pattern(4096, 22);
+  auto elf = RawElf64(0x1000000 - 0x800000, 64,
+                      {{1, 0x2000, 0x800000, 8192, 8192, text}, {1, 0x4000, 0x900000, 4096, 0x3000, data}}, 20 * kMiB);
+  BootPlan plan = LoadKernel(mem, BootSpec{TempFile("fat-vmlinux", elf), "", "", Protocol::Linux64}, RamState::Zero);
+  EXPECT_EQ(plan.kernel_start, uint64_t{0x800000});
+  EXPECT_EQ(plan.kernel_end, uint64_t{0x903000});
+  EXPECT(GuestBytes(mem, 0x800000, 8192) == text);
+  EXPECT(GuestBytes(mem, 0x900000, 4096) == data);
+}
+
+TEST_CASE("boot: program headers and the PVH note outside the file's first page are found") {
+  GuestMemory mem(RamLayout(16 * kMiB));
+  auto code = Pattern(3000, 31);
+  // Table at 0x3000, note at 0x5000, code at 0x6000: none in the first 4 KiB.
+  auto elf = RawElf64(0x100000, 0x3000,
+                      {{4, 0x5000, 0, 20, 20, PvhNote(0x100123)}, {1, 0x6000, 0x100000, 3000, 3000, code}}, 0x6000 + 3000);
+  BootPlan plan = LoadKernel(mem, BootSpec{TempFile("far-headers", elf), "", "", Protocol::Auto}, RamState::Zero);
+  EXPECT(plan.protocol == Protocol::Pvh);
+  EXPECT_EQ(plan.entry, uint64_t{0x100123});
+  EXPECT(GuestBytes(mem, 0x100000, 3000) == code);
+  // A table cut off by the end of the file.
+  auto cut = elf;
+  cut.resize(0x3000 + 56 + 10);
+  EXPECT_CONTAINS(BootErrorOf(mem, {TempFile("far-headers-cut", cut), "", "", Protocol::Auto}),
+                  "file is truncated: the program header table (2 entries at 0x3000) lies past its end");
+}
+
+TEST_CASE("boot: an initrd larger than its window is refused, one that just fits is read in whole") {
+  ElfSpec es;
+  auto kernel = TempFile("initrd-kernel", MakeElf(es));
+  {
+    // Larger than all of guest RAM: refused from its size alone, before any read.
+    GuestMemory mem(RamLayout(4 * kMiB));
+    EXPECT_CONTAINS(BootErrorOf(mem, {kernel, TempFile("initrd-huge", Pattern(5 * kMiB, 1)), "", Protocol::Auto}),
+                    "bytes, more than the guest's RAM can hold: give the VM more memory");
+  }
+  {
+    // Fits RAM, but not between the kernel's end and initrd_addr_max (a bzImage's 4 MiB limit).
+    GuestMemory mem(RamLayout(64 * kMiB));
+    auto bz = TempFile("bz-window", MakeBzImage(0x020f, 8 * kMiB - 1, 255, Pattern(4096, 2)));
+    // The kernel claims 1..5 MiB (init_size 4 MiB), so 3 MiB are left under 8 MiB.
+    EXPECT_CONTAINS(BootErrorOf(mem, {bz, TempFile("initrd-window", Pattern(3 * kMiB + 1, 3)), "", Protocol::Auto}),
+                    "3145729 bytes do not fit between the kernel's end 0x500000 and 0x800000: give the VM more memory");
+    auto fits = Pattern(3 * kMiB, 4);
+    BootPlan plan = LoadKernel(mem, BootSpec{bz, TempFile("initrd-fits", fits), "", Protocol::Auto}, RamState::Zero);
+    EXPECT_EQ(plan.initrd_addr, uint64_t{0x500000});
+    EXPECT_EQ(plan.initrd_size, uint64_t{3 * kMiB});
+    EXPECT(GuestBytes(mem, plan.initrd_addr, fits.size()) == fits);
+  }
+  {
+    // Not a regular file.
+    GuestMemory mem(RamLayout(16 * kMiB));
+    EXPECT_CONTAINS(BootErrorOf(mem, {kernel, "/tmp", "", Protocol::Auto}), "/tmp is not a regular file");
+  }
+}
+
+TEST_CASE("boot: a bzImage's protected-mode kernel is read from the file at 1 MiB, and a truncated one refused") {
+  GuestMemory mem(RamLayout(16 * kMiB));
+  auto payload = Pattern(300000, 41);
+  BootPlan plan = LoadKernel(mem, BootSpec{TempFile("bz-big", MakeBzImage(0x020f, 0x37ffffff, 255, payload)), "", "", Protocol::Auto},
+                             RamState::Zero);
+  EXPECT(GuestBytes(mem, plan.kernel_start, payload.size()) == payload);
+  auto no_payload = MakeBzImage(0x020f, 0x37ffffff, 255, {});
+  EXPECT_CONTAINS(BootErrorOf(mem, {TempFile("bz-nopayload", no_payload), "", "", Protocol::Auto}),
+                  "file is truncated: no protected-mode kernel after the setup code");
+  auto cut_header = MakeBzImage(0x020f, 0x37ffffff, 255, {});
+  cut_header.resize(0x210);
+  EXPECT_CONTAINS(BootErrorOf(mem, {TempFile("bz-cut", cut_header), "", "", Protocol::Auto}), "truncated");
 }

@@ -64,6 +64,8 @@ export interface VmStats {
   firstEntryNs?: bigint;
   /** CLOCK_MONOTONIC when the VMM began creating the VM. */
   createdNs?: bigint;
+  /** Booted VMs: nanoseconds spent putting the kernel and initrd into guest RAM (part of createdNs -> firstEntryNs). */
+  bootLoadNs?: bigint;
   /** CLOCK_MONOTONIC when Vm.restore began (restored VMs only): restore call → first vCPU entry is firstEntryNs - restoredNs. */
   restoredNs?: bigint;
   /** Restored VMs: whether VIRTIO_VSOCK_EVENT_TRANSPORT_RESET reached the guest (false when its vsock driver was not live). */

@@ -339,7 +339,8 @@ export class TemplatePool {
       memoryMiB: this.spec.memoryMiB,
       cpus: this.spec.cpus,
       serialLog,
-      bootProtocol: 'pvh',
+      // The 64-bit entry as for a cold boot (sandbox.ts coldBoot): PVH would add 256 CPUID exits.
+      bootProtocol: 'linux',
       disks: this.templateDisks([]),
       vsock: { cid: GUEST_CID, udsPath: vsockPath },
     };

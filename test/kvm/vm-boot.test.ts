@@ -32,6 +32,9 @@ describe('vm boot on /dev/kvm', function () {
     assert.equal(stats.exits.io, 'hello from a PVH guest\r\nsecond line\n'.length + 1);
     assert.ok(stats.createdNs !== undefined && stats.createdNs >= before, 'createdNs is on the process.hrtime clock');
     assert.ok(stats.firstEntryNs !== undefined && stats.firstEntryNs >= stats.createdNs, 'first KVM_RUN after creation');
+    // Loading the kernel is part of creation, so it fits between the two.
+    assert.ok(stats.bootLoadNs !== undefined && stats.bootLoadNs > 0n && stats.bootLoadNs <= stats.firstEntryNs - stats.createdNs,
+      `bootLoadNs ${stats.bootLoadNs} within create -> first KVM_RUN`);
   });
 
   it('PVH (ELF64 and ELF32): EBX points at hvm_start_info with its magic', async () => {

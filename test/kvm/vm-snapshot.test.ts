@@ -151,6 +151,7 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
     const s = r.vm.stats();
     assert.ok(s.restoredNs !== undefined && s.firstEntryNs !== undefined && s.firstEntryNs > s.restoredNs, 'restoredNs < firstEntryNs');
     assert.equal(s.vsockResetSent, true);
+    assert.equal(s.bootLoadNs, undefined, 'a restored VM loads no kernel');
     console.log(`      restore call -> first vCPU entry ${Number(s.firstEntryNs! - s.restoredNs!) / 1e6} ms`);
   });
 

@@ -264,6 +264,7 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
     o.Set("exits", exits);
     o.Set("createdNs", Napi::BigInt::New(env, s.created_ns));
     if (s.first_entry_ns) o.Set("firstEntryNs", Napi::BigInt::New(env, s.first_entry_ns));
+    if (s.boot_load_ns) o.Set("bootLoadNs", Napi::BigInt::New(env, s.boot_load_ns));
     if (s.restored_ns) {
       o.Set("restoredNs", Napi::BigInt::New(env, s.restored_ns));
       o.Set("vsockResetSent", Napi::Boolean::New(env, machine_->vsock_reset_sent()));

@@ -41,9 +41,21 @@ struct BootPlan {
   std::vector<E820Entry> memory_map;
 };
 
-// Reads the kernel (and initrd) files and lays out memory for the protocol.
+// What guest RAM holds when the kernel is loaded into it. Fresh RAM (new
+// anonymous memory, a new memfd) reads as zero until written, so the ELF
+// segments' bss need not be cleared, which would also fault its pages in
+// before the guest touches them; RAM that may have been written must be.
+enum class RamState {
+  Zero,
+  MayHoldData,
+};
+
+// Reads the kernel (and initrd) files and lays out memory for the protocol:
+// only headers are read into the process, every payload (ELF PT_LOAD
+// segments, a bzImage's protected-mode kernel, the initrd) goes straight
+// from the file into guest RAM.
 // Throws VmmError(Boot) naming the file and what is wrong with it.
-BootPlan LoadKernel(GuestMemory& mem, const BootSpec& spec);
+BootPlan LoadKernel(GuestMemory& mem, const BootSpec& spec, RamState ram);
 
 // Byte offsets in boot_params / setup_header (Documentation/arch/x86/zero-page.rst,
 // boot.rst); exposed for the layout tests.

@@ -90,6 +90,7 @@ struct MachineStats {
   uint64_t created_ns = 0;      // CLOCK_MONOTONIC when construction began
   uint64_t first_entry_ns = 0;  // CLOCK_MONOTONIC of the first KVM_RUN; 0 before it
   uint64_t restored_ns = 0;     // CLOCK_MONOTONIC when a restore began; 0 for a booted VM
+  uint64_t boot_load_ns = 0;    // booted VMs: how long kernel + initrd took to reach guest RAM
 };
 
 class Machine {
@@ -169,6 +170,7 @@ class Machine {
   void ReleaseResources();
 
   uint64_t created_ns_ = 0;
+  uint64_t boot_load_ns_ = 0;
   std::atomic<uint64_t> first_entry_ns_{0};
   std::unique_ptr<Kvm> kvm_;
   int vm_fd_ = -1;
