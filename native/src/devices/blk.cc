@@ -1,4 +1,18 @@
-// virtio-blk: one request queue, served on the vCPU thread that notifies.
+// virtio-blk: one request queue, served by the device's I/O thread.
+//
+// Threads: once the transport binds the queue's notify to our eventfd
+// (KVM_IOEVENTFD), a guest notify wakes the I/O thread without a userspace
+// exit and the vCPU goes straight back to the guest; requests (FLUSH's
+// fdatasync included) never block a vCPU. Without a binding (a host without
+// ioeventfd, the device tests' plain transport) the notify exits and the
+// vCPU serves the queue itself. Either way the queue is served under `mu_`,
+// which also orders serving against Activate, Reset, AttachMedium and a
+// snapshot's quiesce. Measured on the dev hosts' PVM /dev/kvm (bench vmm,
+// 10 runs each, same hour): idle, QD1 59-65k IOPS on the thread against
+// 33-35k on the exit path (QEMU 49-51k), because a userspace exit costs
+// ~27 us there; with both cores busy the exit path is ahead (QD1 23k vs
+// 20k, QEMU 10k), the hand-off to a second runnable thread costing more
+// than the exit. Ahead of QEMU either way, so the thread is the default.
 //
 // Data moves between the file and guest RAM with preadv/pwritev straight
 // into the chain's buffers: no bounce copy. Hazards: the request header is
@@ -8,14 +22,21 @@
 #include "devices/blk.h"
 
 #include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <system_error>
+#include <thread>
 
 #include "core/error.h"
 
@@ -70,7 +91,10 @@ class VirtioBlk : public VirtioDevice {
     limits_.max_segment_bytes = blk::kSizeMax;
     limits_.max_segments = blk::kSegMax + 2;
   }
+  // The notify eventfd outlives Shutdown: the transport unbinds it later.
   ~VirtioBlk() override {
+    Shutdown();
+    if (notify_fd_ >= 0) close(notify_fd_);
     if (fd_ >= 0) close(fd_);
   }
 
@@ -158,7 +182,93 @@ class VirtioBlk : public VirtioDevice {
 
   void QueueNotify(uint16_t index) override {
     std::lock_guard<std::mutex> lock(mu_);
-    if (index != 0 || !queue_ || !queue_->ready) return;
+    if (index != 0) return;
+    ServeLocked();
+  }
+
+  int QueueNotifyFd(uint16_t index) override {
+    if (index != 0) return -1;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (notify_fd_ >= 0) return notify_fd_;
+    if (stopping_) return -1;
+    // Non-blocking: the thread waits in poll(), and a snapshot's quiesce
+    // drains the counter without waiting.
+    int efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (efd < 0) return -1;  // the exit path keeps working
+    try {
+      thread_ = std::thread([this, efd] { Loop(efd); });
+    } catch (const std::system_error&) {
+      close(efd);
+      return -1;
+    }
+    notify_fd_ = efd;
+    pthread_setname_np(thread_.native_handle(), "vmlet-blk-io");
+    return notify_fd_;
+  }
+
+  void Reset() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    mem_ = nullptr;
+    queue_ = nullptr;
+    irq_.reset();
+  }
+
+  void Shutdown() override {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) return;
+      stopping_ = true;
+    }
+    if (!thread_.joinable()) return;
+    Wake();
+    thread_.join();
+  }
+
+  // Held from QuiesceForSnapshot to EndQuiesceForSnapshot: the I/O thread
+  // cannot serve meanwhile. Whatever the guest queued is served first,
+  // unconditionally: the thread may have consumed the eventfd's count and be
+  // waiting for mu_, and the saved rings must not hold a request nobody will
+  // kick again after a restore. An empty avail ring makes it a no-op.
+  void QuiesceForSnapshot() override {
+    quiesce_ = std::unique_lock<std::mutex>(mu_);
+    if (notify_fd_ >= 0) {
+      uint64_t n;
+      (void)!read(notify_fd_, &n, sizeof n);
+    }
+    ServeLocked();
+  }
+  void EndQuiesceForSnapshot() override {
+    if (quiesce_.owns_lock()) quiesce_.unlock();
+  }
+
+ private:
+  void Wake() {
+    uint64_t one = 1;
+    // Fails only when the counter is saturated: the thread is awake anyway.
+    (void)!write(notify_fd_, &one, sizeof one);
+  }
+
+  // The I/O thread. Each wake-up drains the eventfd counter and then the
+  // whole avail ring, so notifications that came in together cost one pass.
+  void Loop(int notify_fd) {
+    for (;;) {
+      pollfd p{notify_fd, POLLIN, 0};
+      if (poll(&p, 1, -1) < 0 && errno != EINTR) {
+        // Fails only on a programming error. The notify stays bound to this
+        // fd, so the guest will see a hung disk: say why before stopping.
+        std::fprintf(stderr, "vmlet: virtio-blk I/O thread stopped: poll on its eventfd failed: %s\n", std::strerror(errno));
+        return;
+      }
+      uint64_t n;
+      (void)!read(notify_fd, &n, sizeof n);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stopping_) return;
+      ServeLocked();
+    }
+  }
+
+  void ServeLocked() {
+    if (!queue_ || !queue_->ready) return;
     DescriptorChain chain;
     bool used = false;
     for (;;) {
@@ -180,14 +290,6 @@ class VirtioBlk : public VirtioDevice {
     if (used && queue_->NeedsInterrupt(*mem_)) irq_->SignalUsedBuffer();
   }
 
-  void Reset() override {
-    std::lock_guard<std::mutex> lock(mu_);
-    mem_ = nullptr;
-    queue_ = nullptr;
-    irq_.reset();
-  }
-
- private:
   // Returns used.len: bytes written into the chain, status byte included.
   uint32_t Serve(const DescriptorChain& chain) {
     RequestHeader h;
@@ -259,10 +361,14 @@ class VirtioBlk : public VirtioDevice {
   bool read_only_;
   std::string id_;
   ChainLimits limits_;
-  std::mutex mu_;
+  std::mutex mu_;  // guards everything below
   GuestMemory* mem_ = nullptr;
   Queue* queue_ = nullptr;
   std::shared_ptr<InterruptSink> irq_;
+  bool stopping_ = false;  // Shutdown: the I/O thread leaves and is not restarted
+  int notify_fd_ = -1;     // created with the I/O thread; closed with the device
+  std::thread thread_;
+  std::unique_lock<std::mutex> quiesce_;  // held while a snapshot reads the rings
 };
 
 // The backing file or block device opened as cfg asks, and its size in bytes.
