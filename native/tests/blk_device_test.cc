@@ -264,6 +264,18 @@ TEST_CASE("blk: a missing or unusable backing file is a DeviceError that names i
 
 namespace {
 
+// One T_IN of `bytes` from `sector`: header at kHeader, data to kData,
+// status byte (0xff until the device writes it) at kStatus.
+void QueueRead(GuestMemory& mem, RingDriver& ring, uint64_t sector, uint32_t bytes) {
+  struct __attribute__((packed)) {
+    uint32_t type, reserved;
+    uint64_t sector;
+  } h{blk::kTypeIn, 0, sector};
+  EXPECT(mem.WriteObj(kHeader, h));
+  EXPECT(mem.WriteObj<uint8_t>(kStatus, 0xff));
+  ring.Add({{kHeader, 16, false}, {kData, bytes, true}, {kStatus, 1, true}});
+}
+
 // Any blk device behind a transport whose driver is set up (DRIVER_OK, one
 // queue), for the disk-slot tests: they move devices between transports.
 struct Driven {
@@ -283,13 +295,7 @@ struct Driven {
   uint64_t Capacity() { return drv.Read32(0x100) | (static_cast<uint64_t>(drv.Read32(0x104)) << 32); }
   // One T_IN of `bytes` from `sector` into kData; the status byte.
   uint8_t Read(GuestMemory& mem, uint64_t sector, uint32_t bytes) {
-    struct __attribute__((packed)) {
-      uint32_t type, reserved;
-      uint64_t sector;
-    } h{blk::kTypeIn, 0, sector};
-    EXPECT(mem.WriteObj(kHeader, h));
-    EXPECT(mem.WriteObj<uint8_t>(kStatus, 0xff));
-    ring.Add({{kHeader, 16, false}, {kData, bytes, true}, {kStatus, 1, true}});
+    QueueRead(mem, ring, sector, bytes);
     drv.Notify(0);
     ring.PopUsed();
     uint8_t status = 0xff;
@@ -427,15 +433,7 @@ struct ThreadedRig {
     EXPECT_EQ(drv.SetupQueue(0, ring), 1u);
     drv.DriverOk();
   }
-  void Queue(uint64_t at, uint64_t sector, uint32_t bytes, uint64_t data_at, uint64_t status_at) {
-    struct __attribute__((packed)) {
-      uint32_t type, reserved;
-      uint64_t sector;
-    } h{blk::kTypeIn, 0, sector};
-    EXPECT(mem.WriteObj(at, h));
-    EXPECT(mem.WriteObj<uint8_t>(status_at, 0xff));
-    ring.Add({{at, 16, false}, {data_at, bytes, true}, {status_at, 1, true}});
-  }
+  void Queue(uint64_t sector, uint32_t bytes) { QueueRead(mem, ring, sector, bytes); }
   // Waits (bounded) for `n` used entries: the I/O thread serves them.
   bool WaitUsed(int n) {
     for (int i = 0; i < 5000; i++) {
@@ -459,7 +457,7 @@ TEST_CASE("blk: a notify through its eventfd (KVM_IOEVENTFD) is served by the I/
   EXPECT_EQ(rig.transport.bound_notifiers(), 1u);
   for (int i = 0; i < 20; i++) {
     uint64_t sector = static_cast<uint64_t>(i) * 13;
-    rig.Queue(kHeader, sector, 4096, kData, kStatus);
+    rig.Queue(sector, 4096);
     int irqs = rig.irq->count;
     EXPECT(rig.binder->Notify(rig.drv, 0));  // into the eventfd, not an exit
     EXPECT(rig.WaitUsed(1));
@@ -490,14 +488,14 @@ TEST_CASE("blk: a request kicked into the eventfd but not yet served is served b
     // The kick comes while quiesced: the I/O thread waits for the device
     // lock, and serves it once the quiesce ends.
     Quiesced q(*rig.dev);
-    rig.Queue(kHeader, 5, 2048, kData, kStatus);
+    rig.Queue(5, 2048);
     EXPECT(write(rig.binder->bound.at(0), &one, sizeof one) == sizeof one);
   }
   EXPECT(rig.WaitUsed(1));
   // The kick comes before the quiesce (the thread may have consumed its
   // count and be waiting for the lock): the quiesce itself serves it, so the
   // saved rings never hold a request a restored guest will not kick again.
-  rig.Queue(kHeader, 9, 1024, kData, kStatus);
+  rig.Queue(9, 1024);
   EXPECT(write(rig.binder->bound.at(0), &one, sizeof one) == sizeof one);
   {
     Quiesced q(*rig.dev);
@@ -511,21 +509,13 @@ TEST_CASE("blk: a request kicked into the eventfd but not yet served is served b
 }
 
 TEST_CASE("blk: devices with I/O threads made and destroyed leave no thread or fd behind") {
-  auto count = [](const char* dir) {
-    int n = 0;
-    if (DIR* d = opendir(dir)) {
-      while (readdir(d)) n++;
-      closedir(d);
-    }
-    return n;
-  };
-  int fds = count("/proc/self/fd"), threads = count("/proc/self/task");
+  int fds = CountEntries("/proc/self/fd"), threads = CountEntries("/proc/self/task");
   for (int i = 0; i < 10; i++) {
     ThreadedRig rig(64 * 1024);
-    rig.Queue(kHeader, 1, 512, kData, kStatus);
+    rig.Queue(1, 512);
     EXPECT(rig.binder->Notify(rig.drv, 0));
     EXPECT(rig.WaitUsed(1));
   }
-  EXPECT_EQ(count("/proc/self/fd"), fds);
-  EXPECT_EQ(count("/proc/self/task"), threads);
+  EXPECT_EQ(CountEntries("/proc/self/fd"), fds);
+  EXPECT_EQ(CountEntries("/proc/self/task"), threads);
 }

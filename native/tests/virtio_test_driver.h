@@ -2,6 +2,8 @@
 // out in a GuestMemory exactly as a guest driver would, and virtio-mmio
 // register accesses in the order Linux's virtio_mmio.c makes them.
 #pragma once
+
+#include <dirent.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -18,6 +20,17 @@
 #include "virtio/queue.h"
 
 namespace vmlet::testing {
+
+// Entries in a /proc directory (/proc/self/fd, /proc/self/task): the leak
+// tests compare them before and after.
+inline int CountEntries(const char* dir) {
+  int n = 0;
+  if (DIR* d = opendir(dir)) {
+    while (readdir(d)) n++;
+    closedir(d);
+  }
+  return n;
+}
 
 struct CountingIrq : IrqLine {
   std::atomic<int> count{0};

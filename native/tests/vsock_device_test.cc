@@ -791,15 +791,7 @@ TEST_CASE("vsock: random TX packets never crash or hang the device") {
 }
 
 TEST_CASE("vsock: devices created and shut down leave no fds, threads or socket files behind") {
-  auto count = [](const char* dir) {
-    int n = 0;
-    if (DIR* d = opendir(dir)) {
-      while (readdir(d)) n++;
-      closedir(d);
-    }
-    return n;
-  };
-  int fds = count("/proc/self/fd"), threads = count("/proc/self/task");
+  int fds = CountEntries("/proc/self/fd"), threads = CountEntries("/proc/self/task");
   for (int i = 0; i < 30; i++) {
     // Every other one with its kicks bound to eventfds (closed with the device).
     Guest g(kRxBufSize, 10000, i % 2 ? std::make_shared<EventFdBinder>() : nullptr);
@@ -813,8 +805,8 @@ TEST_CASE("vsock: devices created and shut down leave no fds, threads or socket 
     g.dev->Shutdown();
     EXPECT(access(g.uds.c_str(), F_OK) != 0);
   }
-  EXPECT_EQ(count("/proc/self/fd"), fds);
-  EXPECT_EQ(count("/proc/self/task"), threads);
+  EXPECT_EQ(CountEntries("/proc/self/fd"), fds);
+  EXPECT_EQ(CountEntries("/proc/self/task"), threads);
 }
 
 TEST_CASE("vsock: RX/TX kicks through eventfds (KVM_IOEVENTFD) to the device thread: 4 MiB each way byte-exact; a reset unbinds") {
