@@ -170,16 +170,20 @@ class VirtioVsock : public VirtioDevice {
   void SaveState(snapshot::Writer& w) const override { w.U64(cfg_.guest_cid); }
   // The event loop touches rings and guest memory only under mu_: holding it
   // parks the loop (host sockets just queue meanwhile). A guest kick KVM
-  // signalled before the vCPUs parked may still wait in its eventfd (the
-  // loop can be blocked on mu_ with it in hand): it is served here, as the
-  // exit path would have before the vCPU parked, so the saved rings hold no
-  // kick that nobody repeats after a restore. The loop then finds the
-  // eventfd empty and serves nothing twice.
+  // signalled before the vCPUs parked may still wait in its eventfd, or the
+  // loop may have read its count already and be blocked on mu_. Either way
+  // the rings are served here, unconditionally, as the exit path would have
+  // before the vCPU parked: the saved rings must hold no kick that nobody
+  // repeats after a restore. The eventfds are drained so the loop does not
+  // wake for them again; a pass over rings with nothing new is a no-op.
   void QuiesceForSnapshot() override {
     quiesce_ = std::unique_lock<std::mutex>(mu_);
     for (uint16_t index : {kRxQueue, kTxQueue}) {
-      uint64_t v;
-      if (notify_fds_[index] >= 0 && read(notify_fds_[index], &v, sizeof v) == sizeof v) NotifyLocked(index);
+      if (notify_fds_[index] >= 0) {
+        uint64_t v;
+        (void)!read(notify_fds_[index], &v, sizeof v);
+      }
+      NotifyLocked(index);
     }
   }
   void EndQuiesceForSnapshot() override {
