@@ -137,33 +137,52 @@ function requireAgent(agent: string): void {
 }
 
 /** Bumped whenever the initramfs layout below changes, so cached copies are rebuilt. */
-const INITRAMFS_LAYOUT = 'agent-initramfs/2: /init=stripped agent, /bin/busybox, dirs bin dev proc sys tmp run';
+const INITRAMFS_LAYOUT = 'agent-initramfs/4: uncompressed; /init=stripped agent, dirs bin dev proc sys tmp run; /bin/busybox on request';
+
+export interface AgentInitramfsOptions {
+  /** The agent binary; default the one `npm run build:agent` builds. */
+  agent?: string;
+  /**
+   * Adds a static busybox as /bin/busybox, for commands run in the agent's own
+   * root (tests, diagnosis). Off for vmlet's guests: container processes run in
+   * their stacked rootfs, and its 2 MiB cost every cold boot ~55 ms in the lab
+   * (unpacked, then kept: see guestCmdline's retain_initrd).
+   */
+  busybox?: boolean;
+}
 
 /**
- * Writes `<dir>/agent-initramfs.cpio.gz`: the agent as /init (PID 1, listening on
- * vsock port 1024) and a static busybox in /bin for commands run in the agent's
- * own root (diagnosis; container processes run in their stacked rootfs).
+ * Writes `<dir>/agent-initramfs.cpio`: the agent as /init (PID 1, listening on
+ * vsock port 1024), and busybox if asked for.
+ *
+ * Uncompressed: the guest kernel unpacks the initramfs on every cold boot, and
+ * gunzipping 4 MiB took ~120 ms of an ~850 ms cold boot in the lab (median of
+ * 11); reading the bytes from the host's page cache costs ~1 ms. Templates
+ * boot it once and restores never unpack it.
  */
-export function buildAgentInitramfs(dir: string, agent = agentBinary): string {
+export function buildAgentInitramfs(dir: string, options: AgentInitramfsOptions = {}): string {
+  const agent = options.agent ?? agentBinary;
   requireAgent(agent);
-  const out = join(dir, 'agent-initramfs.cpio.gz');
-  writeAgentInitramfs(out, agent);
+  const out = join(dir, 'agent-initramfs.cpio');
+  writeAgentInitramfs(out, agent, options.busybox === true);
   return out;
 }
 
-function writeAgentInitramfs(out: string, agent: string): void {
+function writeAgentInitramfs(out: string, agent: string, busybox: boolean): void {
   const root = mkdtempSync(join(tmpdir(), 'vmlet-agent-initramfs-'));
   try {
     for (const d of ['bin', 'dev', 'proc', 'sys', 'tmp', 'run']) mkdirSync(join(root, d));
-    copyFileSync(busyboxStatic(), join(root, 'bin', 'busybox'));
-    chmodSync(join(root, 'bin', 'busybox'), 0o755);
-    // Without its debug info (4.6 -> 1.9 MiB): the guest kernel gunzips and
-    // copies every byte before the agent runs, and touches ~900 fewer pages
-    // (nested page faults, hack/bench/boot.bench.ts) on the way.
+    if (busybox) {
+      copyFileSync(busyboxStatic(), join(root, 'bin', 'busybox'));
+      chmodSync(join(root, 'bin', 'busybox'), 0o755);
+    }
+    // Without its debug info (4.6 -> 1.9 MiB): the guest kernel copies every
+    // byte before the agent runs, and touches ~900 fewer pages (nested page
+    // faults, hack/bench/boot.bench.ts) on the way.
     execFileSync('strip', ['-o', join(root, 'init'), agent]);
     chmodSync(join(root, 'init'), 0o755);
     // The kernel wants newc cpio; root-owned entries so /init runs as it would in production.
-    execFileSync('sh', ['-c', `cd "${root}" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | gzip -1 -n > "${out}"`]);
+    execFileSync('sh', ['-c', `cd "${root}" && find . | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 > "${out}"`]);
   } finally {
     rmSync(root, { recursive: true, force: true });
   }
@@ -176,31 +195,31 @@ function cacheRoots(): string[] {
 }
 
 /**
- * The agent initramfs for the built agent and busybox, built once and cached
- * under `<cache>/agent-initramfs/<sha256 of its inputs>.cpio.gz`: every boot
- * would otherwise pay a cpio + gzip of ~3 MB. Written aside and renamed, so
+ * The agent initramfs (buildAgentInitramfs) for the built agent, built once and
+ * cached under `<cache>/agent-initramfs/<sha256 of its inputs>.cpio`: every
+ * boot would otherwise pay a strip and a cpio. Written aside and renamed, so
  * concurrent runs never read a half-written file.
  */
-export function agentInitramfs(agent = agentBinary): string {
+export function agentInitramfs(options: AgentInitramfsOptions = {}): string {
+  const agent = options.agent ?? agentBinary;
+  const busybox = options.busybox === true;
   requireAgent(agent);
   // The inputs' hashes come from a cache beside the output: hashing the agent
   // and busybox again took ~0.2 s per `vmlet run` on the host, seconds in the lab.
   const hashes = join(cacheRoots()[0], 'agent-initramfs', FILE_HASH_CACHE);
-  const key = createHash('sha256')
-    .update(INITRAMFS_LAYOUT)
-    .update(sha256File(agent, hashes))
-    .update(sha256File(busyboxStatic(), hashes))
-    .digest('hex');
+  const hash = createHash('sha256').update(INITRAMFS_LAYOUT).update(sha256File(agent, hashes));
+  if (busybox) hash.update('busybox').update(sha256File(busyboxStatic(), hashes));
+  const key = hash.digest('hex');
   let lastError: Error | undefined;
   for (const root of cacheRoots()) {
     const dir = join(root, 'agent-initramfs');
-    const out = join(dir, `${key}.cpio.gz`);
+    const out = join(dir, `${key}.cpio`);
     if (existsSync(out)) return out;
     try {
       mkdirSync(dir, { recursive: true });
       const tmp = `${out}.${process.pid}.tmp`;
       try {
-        writeAgentInitramfs(tmp, agent);
+        writeAgentInitramfs(tmp, agent, busybox);
         renameSync(tmp, out);
       } finally {
         rmSync(tmp, { force: true });
@@ -220,7 +239,16 @@ export function agentInitramfs(agent = agentBinary): string {
  * The command line vmlet boots the guest kernel with. reboot=k: a guest reboot
  * goes straight to the i8042 reset our VMM reports as 'reset'; panic=-1 turns a
  * panic into a reboot so a dead guest ends its VM instead of hanging.
+ *
+ * Two settings only make the boot shorter (lab medians of 9-11 cold boots to the
+ * agent's ready line, native/guest/kernel/README.md):
+ * - noreplace-smp: on one vCPU the kernel otherwise rewrites each of its ~6,000
+ *   LOCK prefixes through text_poke(), two page-table switches and a TLB flush
+ *   apiece (~250 ms in the lab; ~1 us each on hardware). The prefixes stay.
+ * - retain_initrd: the initramfs (2 MiB, uncompressed) is not overwritten with
+ *   poison and freed once unpacked (~65 ms in the lab for 4 MiB). The guest
+ *   keeps those 2 MiB of RAM out of use.
  */
 export function guestCmdline(extra = ''): string {
-  return `console=ttyS0 reboot=k panic=-1 ${extra}`.trim();
+  return `console=ttyS0 reboot=k panic=-1 noreplace-smp retain_initrd ${extra}`.trim();
 }

@@ -49,7 +49,7 @@ describe('agent SET_IDENTITY in a guest (inside hack/kvm-lab)', function () {
     const serialLog = join(work, 'serial.log');
     vm = await Vm.create({
       kernel: kernel.vmlinux,
-      initrd: agentInitramfs(),
+      initrd: agentInitramfs({ busybox: true }),
       cmdline: guestCmdline('quiet'),
       memoryMiB: 256,
       cpus: 1,

@@ -179,7 +179,7 @@ describe('guest kernel booted by our VMM (inside hack/kvm-lab)', function () {
     const serialLog = join(work, 'agent.serial');
     const vm = await Vm.create({
       kernel: kernel.vmlinux,
-      initrd: buildAgentInitramfs(work),
+      initrd: buildAgentInitramfs(work, { busybox: true }),
       cmdline: guestCmdline(),
       memoryMiB: 256,
       cpus: 1,

@@ -38,7 +38,7 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
   before(async function () {
     const kernel = requireLabGuestKernel(this);
     work = mkdtempSync(join(tmpdir(), 'vmlet-pool-'));
-    poolSpec = { kernel: kernel.vmlinux, initrd: agentInitramfs(), cpus: 1, memoryMiB: 256, cmdline: guestCmdline('quiet') };
+    poolSpec = { kernel: kernel.vmlinux, initrd: agentInitramfs({ busybox: true }), cpus: 1, memoryMiB: 256, cmdline: guestCmdline('quiet') };
     pool = new TemplatePool({
       spec: poolSpec,
       root: join(work, 'templates'),

@@ -88,7 +88,7 @@ describe('Linux guest snapshot/restore with the agent (inside hack/kvm-lab)', fu
     const snap = join(work, 'snap');
     const src = await Vm.create({
       kernel: kernel.vmlinux,
-      initrd: buildAgentInitramfs(work),
+      initrd: buildAgentInitramfs(work, { busybox: true }),
       cmdline: guestCmdline(),
       memoryMiB: 256,
       cpus: 1,
