@@ -473,6 +473,43 @@ TEST_CASE("blk: a notify through its eventfd (KVM_IOEVENTFD) is served by the I/
   EXPECT_EQ(rig.transport.bound_notifiers(), 0u);
 }
 
+// An empty slot gets no I/O thread and no eventfd (its requests all fail on
+// the exit path); once it holds a medium, the transport binds its notify and
+// the thread serves it, as on a disk that had a medium from the start.
+TEST_CASE("blk: an empty slot starts its I/O thread only when it gets a medium") {
+  GuestMemory mem{{{0, 32ull << 20}}};
+  auto irq = std::make_shared<CountingIrq>();
+  auto binder = std::make_shared<EventFdBinder>();
+  auto slot = EmptySlot();
+  int threads = CountEntries("/proc/self/task");
+  MmioTransport transport(slot, &mem, irq, binder);
+  MmioDriver drv{transport};
+  RingDriver ring(mem, kRing, 128);
+  EXPECT(drv.Negotiate(drv.DeviceFeatures() & ~virtio::kFeatureEventIdx));
+  EXPECT_EQ(drv.SetupQueue(0, ring), 1u);
+  drv.DriverOk();
+  EXPECT_EQ(transport.bound_notifiers(), 0u);
+  EXPECT_EQ(CountEntries("/proc/self/task"), threads);
+
+  TempDisk layer(64 * 1024, 5);
+  BlkAttachMedium(*slot, layer.path);
+  transport.BindNewNotifiers();
+  EXPECT_EQ(transport.bound_notifiers(), 1u);
+  EXPECT_EQ(CountEntries("/proc/self/task"), threads + 1);
+  transport.BindNewNotifiers();  // binds nothing twice
+  EXPECT_EQ(transport.bound_notifiers(), 1u);
+
+  QueueRead(mem, ring, 8, 4096);
+  EXPECT(binder->Notify(drv, 0));  // into the eventfd: only the thread can serve it
+  bool served = false;
+  for (int i = 0; i < 5000 && !(served = ring.HasUsed()); i++) usleep(1000);
+  EXPECT(served);
+  uint8_t status = 0xff;
+  EXPECT(mem.ReadObj(kStatus, &status));
+  EXPECT_EQ(status, blk::kStatusOk);
+  EXPECT(SameBytes(mem, layer.bytes, 8, 4096));
+}
+
 // Quiesced for the guard's lifetime, so that a failing check cannot leave
 // the device locked (and the test hung in teardown).
 struct Quiesced {

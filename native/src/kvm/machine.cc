@@ -789,12 +789,17 @@ void Machine::AttachDisk(uint32_t index, const std::string& path) {
   // Copied under mu_ before Teardown may clear the list: the device stays
   // alive for the attach even if the VM stops meanwhile.
   std::shared_ptr<virtio::VirtioDevice> disk;
+  std::shared_ptr<MmioTransport> transport;
   {
     std::lock_guard<std::mutex> g(mu_);
     if (stopping_ || torn_down_) throw VmmError(ErrorKind::InvalidArgument, "attach disk", "the VM has stopped or is stopping");
     disk = virtio_devices_[index];
+    transport = transports_[index];
   }
   BlkAttachMedium(*disk, path);
+  // An empty slot had no I/O thread (blk.cc QueueNotifyFd): with its medium it
+  // gets one, and its notify leaves the exit path.
+  transport->BindNewNotifiers();
 }
 
 MachineStats Machine::Stats() const {

@@ -91,10 +91,18 @@ void MmioTransport::BindNotifiersLocked() {
   if (!binder_) return;
   for (size_t i = 0; i < queues_.size(); i++) {
     if (!queues_[i].ready) continue;
+    bool bound = false;
+    for (const auto& b : bound_) bound = bound || b.queue == i;
+    if (bound) continue;
     int fd = dev_->QueueNotifyFd(static_cast<uint16_t>(i));
     if (fd < 0) continue;
     if (binder_->Bind(kQueueNotify, 4, i, fd)) bound_.push_back({static_cast<uint16_t>(i), fd});
   }
+}
+
+void MmioTransport::BindNewNotifiers() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (activated_) BindNotifiersLocked();
 }
 
 void MmioTransport::UnbindNotifiersLocked() {

@@ -48,6 +48,10 @@ class MmioTransport : public BusDevice {
   uint32_t status() const;
   // For tests: how many queues currently have their notify bound to an eventfd.
   size_t bound_notifiers() const;
+  // Binds the notify of every ready queue the device offers an eventfd for
+  // now and did not at activation (virtio-blk: a slot that got its medium
+  // while the VM runs). A no-op before DRIVER_OK: activation binds them.
+  void BindNewNotifiers();
 
   // Snapshot: registers, queue configuration and progress, then the
   // device's own state. RestoreState on a fresh transport (nothing written by
