@@ -123,6 +123,27 @@ describe('vm creation errors on /dev/kvm', function () {
     assert.throws(() => vm.attachDisk(1, { path: disk }), (e: unknown) => e instanceof InvalidArgumentError && /killed or has exited/.test((e as Error).message));
   });
 
+  it('malformed disks[] entries, in a config and in restore options alike, name the field', async () => {
+    const bad: [unknown, RegExp][] = [
+      ['disk.img', /disks must be an array/],
+      [[null], /disks\[0\] must be an object/],
+      [[{ readOnly: true }], /disks\[0\]\.path must be a non-empty string/],
+      [[{ path: '' }], /disks\[0\]\.path must be a non-empty string/],
+      [[{ empty: true, readOnly: true }, { path: 42 }], /disks\[1\]\.path must be a non-empty string/],
+      [[{ path: good, readOnly: 'yes' }], /disks\[0\]\.readOnly must be a boolean/],
+      [[{ empty: 1, readOnly: true }], /disks\[0\]\.empty must be a boolean/],
+      [[{ path: good, id: 7 }], /disks\[0\]\.id must be a string/],
+    ];
+    for (const [disks, pattern] of bad) {
+      await rejects(config({ disks: disks as DiskConfig[] }), InvalidArgumentError, new RegExp(`config\\.${pattern.source}`));
+      // Parsed before the snapshot directory is looked at.
+      await assert.rejects(
+        Vm.restore({ snapshot: scratch.path('no-snapshot'), serialLog: scratch.path('restore.log'), disks: disks as DiskConfig[] }),
+        (e: unknown) => e instanceof InvalidArgumentError && new RegExp(`options\\.${pattern.source}`).test((e as Error).message),
+      );
+    }
+  });
+
   it('memfd guest RAM on request (VMLET_GUEST_RAM=memfd) runs a guest like anonymous RAM', async () => {
     const memfdsBefore = usage().memfds;
     process.env.VMLET_GUEST_RAM = 'memfd';

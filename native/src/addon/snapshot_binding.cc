@@ -4,6 +4,7 @@
 #include <string>
 
 #include "addon/async.h"
+#include "addon/disk_specs.h"
 #include "addon/registry.h"
 #include "core/error.h"
 #include "snapshot/snapshot.h"
@@ -86,25 +87,7 @@ snapshot::RestoreOptions ParseRestore(Napi::Env env, Napi::Value value) {
   }
   Napi::Value verify = o.Get("verifyMemory");
   r.verify_memory = verify.IsBoolean() && verify.As<Napi::Boolean>().Value();
-  Napi::Value disks = o.Get("disks");
-  if (!disks.IsUndefined()) {
-    if (!disks.IsArray()) Invalid(env, "restore VM", "options.disks must be an array");
-    Napi::Array a = disks.As<Napi::Array>();
-    for (uint32_t i = 0; i < a.Length(); i++) {
-      Napi::Value d = a.Get(i);
-      if (!d.IsObject()) Invalid(env, "restore VM", "options.disks[" + std::to_string(i) + "] must be an object");
-      Napi::Object dobj = d.As<Napi::Object>();
-      kvm::DiskSpec spec;
-      Napi::Value empty = dobj.Get("empty");
-      spec.empty = empty.IsBoolean() && empty.As<Napi::Boolean>().Value();
-      // A slot left empty at restore too; MakeVirtioBlk refuses a path beside it.
-      spec.path = String(env, dobj, "path", !spec.empty, "options.disks[].");
-      Napi::Value ro = dobj.Get("readOnly");
-      spec.read_only = ro.IsBoolean() && ro.As<Napi::Boolean>().Value();
-      spec.id = String(env, dobj, "id", false, "options.disks[].");
-      r.disks.push_back(spec);
-    }
-  }
+  r.disks = ParseDiskSpecs(env, o.Get("disks"), "restore VM", "options");
   Napi::Value vsock = o.Get("vsock");
   if (!vsock.IsUndefined()) {
     if (!vsock.IsObject()) Invalid(env, "restore VM", "options.vsock must be an object");

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "addon/async.h"
+#include "addon/disk_specs.h"
 #include "addon/registry.h"
 #include "addon/snapshot_binding.h"
 #include "core/error.h"
@@ -66,25 +67,7 @@ kvm::MachineConfig ParseConfig(Napi::Env env, Napi::Value value) {
   c.kvm_device = GetString(env, o, "kvmDevice", false);
   Napi::Value mask = o.Get("maskKvmParavirt");
   c.mask_kvm_paravirt = mask.IsBoolean() && mask.As<Napi::Boolean>().Value();
-  Napi::Value disks = o.Get("disks");
-  if (!disks.IsUndefined()) {
-    if (!disks.IsArray()) ThrowInvalid(env, "config.disks must be an array");
-    Napi::Array a = disks.As<Napi::Array>();
-    for (uint32_t i = 0; i < a.Length(); i++) {
-      Napi::Value d = a.Get(i);
-      if (!d.IsObject()) ThrowInvalid(env, "config.disks[" + std::to_string(i) + "] must be an object");
-      Napi::Object dobj = d.As<Napi::Object>();
-      kvm::DiskSpec spec;
-      Napi::Value empty = dobj.Get("empty");
-      spec.empty = empty.IsBoolean() && empty.As<Napi::Boolean>().Value();
-      // An empty slot has no path (MakeVirtioBlk refuses one given anyway).
-      spec.path = GetString(env, dobj, "path", !spec.empty);
-      Napi::Value ro = dobj.Get("readOnly");
-      spec.read_only = ro.IsBoolean() && ro.As<Napi::Boolean>().Value();
-      spec.id = GetString(env, dobj, "id", false);
-      c.disks.push_back(spec);
-    }
-  }
+  c.disks = ParseDiskSpecs(env, o.Get("disks"), "create VM", "config");
   Napi::Value vsock = o.Get("vsock");
   if (!vsock.IsUndefined()) {
     if (!vsock.IsObject()) ThrowInvalid(env, "config.vsock must be an object");
