@@ -27,6 +27,26 @@ function hashCacheEntry(cacheDir: string, path: string): { file: string; id: str
 }
 
 /**
+ * SHA-256 of a file's bytes as they are now, read in 1 MiB chunks: no memo and
+ * no cache, for files that may be rewritten in place (test corpora).
+ */
+export function sha256FileBytes(path: string): string {
+  const h = createHash('sha256');
+  const fd = openSync(path, 'r');
+  try {
+    const buf = Buffer.allocUnsafe(1 << 20);
+    for (;;) {
+      const n = readSync(fd, buf, 0, buf.length, null);
+      if (n === 0) break;
+      h.update(buf.subarray(0, n));
+    }
+  } finally {
+    closeSync(fd);
+  }
+  return h.digest('hex');
+}
+
+/**
  * SHA-256 of a file's bytes. Memoised per (path, device, inode, size, mtime)
  * in this process, and, given a cacheDir, on disk across processes: the key
  * needs the kernel (tens of MiB), the addon and every image layer, and every
@@ -50,19 +70,7 @@ export function sha256File(path: string, cacheDir?: string): string {
       // Absent or torn: hash the file.
     }
   }
-  const h = createHash('sha256');
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.allocUnsafe(1 << 20);
-    for (;;) {
-      const n = readSync(fd, buf, 0, buf.length, null);
-      if (n === 0) break;
-      h.update(buf.subarray(0, n));
-    }
-  } finally {
-    closeSync(fd);
-  }
-  const digest = h.digest('hex');
+  const digest = sha256FileBytes(path);
   fileHashes.set(memo, digest);
   if (entry && BigInt(Date.now()) * 1_000_000n - entry.changedNs > RACY_NS) {
     try {

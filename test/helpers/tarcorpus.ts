@@ -6,9 +6,10 @@
 // file bytes, `rdsquashfs -x` (squashfs-tools-ng) for xattrs.
 import { execFileSync } from 'node:child_process';
 import { createHash } from 'node:crypto';
-import { closeSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, readSync, writeSync } from 'node:fs';
+import { closeSync, lstatSync, openSync, readdirSync, readFileSync, readlinkSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { gzipSync } from 'node:zlib';
+import { sha256FileBytes } from '../../shim/sandbox/file-hash';
 
 export type EntryType = 'file' | 'dir' | 'symlink' | 'hardlink' | 'char' | 'block' | 'fifo';
 
@@ -255,21 +256,11 @@ export function expectedFromDir(dir: string): Map<string, Expect> {
   return view;
 }
 
-export function hashFile(path: string): string {
-  const h = createHash('sha256');
-  const fd = openSync(path, 'r');
-  const buf = Buffer.alloc(1 << 20);
-  try {
-    for (;;) {
-      const n = readSync(fd, buf, 0, buf.length, null);
-      if (n === 0) break;
-      h.update(buf.subarray(0, n));
-    }
-  } finally {
-    closeSync(fd);
-  }
-  return h.digest('hex');
-}
+/**
+ * SHA-256 of a file as it is now. Not sha256File: that one memoises per
+ * (path, inode, size, mtime), and the corpora rewrite their files in place.
+ */
+export const hashFile = sha256FileBytes;
 
 /** One line of `unsquashfs -lln`, decoded. */
 export interface Listed {
