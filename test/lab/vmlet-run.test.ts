@@ -7,7 +7,7 @@
 import { strict as assert } from 'node:assert';
 import { execFileSync, spawn } from 'node:child_process';
 import { createHash, randomBytes } from 'node:crypto';
-import { readFileSync, rmSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { CliResult, vmletRunLabFixture, runCli, startCli, vmletJs, writeOciLayout } from '../helpers/vmlet-cli';
 
@@ -127,11 +127,17 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
     assert.equal(r.stderr.length, 0, show(r));
   });
 
-  it('with -t -i on a real terminal: keystrokes reach the shell, the window size is ours', async function () {
+  it('with -t -i on a real terminal: keystrokes reach the shell, the window size is ours and follows a resize', async function () {
     if (!sqfs) this.skip();
     // script(1) gives the CLI a terminal of 30x100. Output crosses two ptys (the
-    // guest's and script's), so lines end in \r\r\n.
-    const inner = `stty rows 30 cols 100; exec ${process.execPath} ${vmletJs} run --cold -t -i ${sqfs} -- sh`;
+    // guest's and script's), so lines end in \r\r\n. The resize: a job in the
+    // CLI's own process group sets the terminal to 40x120 once the test creates
+    // `flag`; the kernel sends the foreground group SIGWINCH, which the CLI
+    // forwards to the guest's pty.
+    const flag = join(work, 'resize-now');
+    // </dev/tty: a non-interactive shell gives a background job /dev/null as stdin.
+    const resizer = `(while [ ! -e ${flag} ]; do sleep 0.1; done; stty rows 40 cols 120 </dev/tty) &`;
+    const inner = `stty rows 30 cols 100; ${resizer} exec ${process.execPath} ${vmletJs} run --cold -t -i ${sqfs} -- sh`;
     const child = spawn('script', ['-qec', inner, '/dev/null'], { stdio: ['pipe', 'pipe', 'pipe'] });
     let out = '';
     child.stdout.on('data', (d: Buffer) => (out += d.toString('latin1')));
@@ -146,6 +152,13 @@ describe('vmlet run (inside hack/kvm-lab)', function () {
       await until(/\/ # /);
       child.stdin.write('stty size; echo "SIZE-$((6*7))"\r');
       await until(/30 100\r+\nSIZE-42/);
+      writeFileSync(flag, '');
+      // The SIGWINCH travels host -> CLI -> agent asynchronously: ask until the size changed.
+      for (let i = 0; i < 50 && !/40 120\r+\nSIZE-2/.test(out); i++) {
+        child.stdin.write('stty size; echo "SIZE-$((1+1))"\r');
+        await new Promise((r) => setTimeout(r, 400));
+      }
+      await until(/40 120\r+\nSIZE-2/);
       child.stdin.write('exit 5\r');
       assert.equal(await exited, 5, out);
     } finally {
