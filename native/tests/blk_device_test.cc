@@ -510,14 +510,6 @@ TEST_CASE("blk: an empty slot starts its I/O thread only when it gets a medium")
   EXPECT(SameBytes(mem, layer.bytes, 8, 4096));
 }
 
-// Quiesced for the guard's lifetime, so that a failing check cannot leave
-// the device locked (and the test hung in teardown).
-struct Quiesced {
-  virtio::VirtioDevice& dev;
-  explicit Quiesced(virtio::VirtioDevice& d) : dev(d) { dev.QuiesceForSnapshot(); }
-  ~Quiesced() { dev.EndQuiesceForSnapshot(); }
-};
-
 TEST_CASE("blk: a request kicked into the eventfd but not yet served is served by QuiesceForSnapshot, before the rings are saved") {
   ThreadedRig rig;
   uint64_t one = 1;

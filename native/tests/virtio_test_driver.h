@@ -32,6 +32,14 @@ inline int CountEntries(const char* dir) {
   return n;
 }
 
+// A device quiesced for a snapshot for the guard's lifetime, so that a failing
+// check cannot leave it locked (and the test hung in teardown).
+struct Quiesced {
+  virtio::VirtioDevice& dev;
+  explicit Quiesced(virtio::VirtioDevice& d) : dev(d) { dev.QuiesceForSnapshot(); }
+  ~Quiesced() { dev.EndQuiesceForSnapshot(); }
+};
+
 struct CountingIrq : IrqLine {
   std::atomic<int> count{0};
   void Trigger() override { count++; }

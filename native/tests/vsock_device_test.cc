@@ -859,10 +859,11 @@ TEST_CASE("vsock: a kick waiting in its eventfd is served before QuiesceForSnaps
   for (size_t sent = 0; sent < out.size(); sent += kChunk) {
     g.Queue(g.Header(5000, 90, vsock::kOpRw, kChunk), out.data() + sent, kChunk);
     EXPECT(binder->Notify(*g.drv, 1));
-    g.dev->QuiesceForSnapshot();
-    // What a snapshot saves now: the packet consumed and handed back.
-    EXPECT_EQ(g.tx.UsedIdx(), g.tx_added);
-    g.dev->EndQuiesceForSnapshot();
+    {
+      Quiesced q(*g.dev);
+      // What a snapshot saves now: the packet consumed and handed back.
+      EXPECT_EQ(g.tx.UsedIdx(), g.tx_added);
+    }
     while (g.tx.HasUsed()) g.tx.PopUsed();
     // Credit updates (200 kB stays under the host's buf_alloc): posted back.
     while (g.Recv(0)) {
@@ -886,11 +887,10 @@ TEST_CASE("vsock: QuiesceForSnapshot serves a packet whose kick the device threa
   int host = GuestConnect(g, listener, 91);
   const std::vector<uint8_t> out = Pattern(3000, 4);
   g.Queue(g.Header(5000, 91, vsock::kOpRw, static_cast<uint32_t>(out.size())), out.data(), static_cast<uint32_t>(out.size()));
-  g.dev->QuiesceForSnapshot();
-  const uint16_t used_at_snapshot = g.tx.UsedIdx();
-  // Ended before checking: a failed check must not leave the device locked.
-  g.dev->EndQuiesceForSnapshot();
-  EXPECT_EQ(used_at_snapshot, g.tx_added);
+  {
+    Quiesced q(*g.dev);
+    EXPECT_EQ(g.tx.UsedIdx(), g.tx_added);
+  }
   EXPECT(ReadN(host, out.size(), 2000) == out);
   close(host);
   close(listener);
