@@ -70,6 +70,8 @@ export interface VmStats {
   restoredNs?: bigint;
   /** Restored VMs: whether VIRTIO_VSOCK_EVENT_TRANSPORT_RESET reached the guest (false when its vsock driver was not live). */
   vsockResetSent?: boolean;
+  /** Whether the VM was made on a pre-made KVM VM from the shell reserve (Vm.fillShells), skipping KVM_CREATE_VM. */
+  vmShell: boolean;
 }
 
 /** What Vm.snapshot wrote. */
@@ -182,9 +184,15 @@ interface NativeAddon {
   restoreVm(options: RestoreOptions): Promise<NativeVmHandle>;
   inspectSnapshot(dir: string): Promise<SnapshotDescription>;
   defaultKvmDevice(): string;
+  fillVmShells(count: number, kvmDevice?: string): Promise<number>;
+  drainVmShells(): number;
+  heldVmShells(): number;
 }
 
 export { addonPath };
+
+/** The most VM shells one process may hold (kvm/vm_shell.h kMaxHeld). */
+export const MAX_VM_SHELLS = 16;
 
 function native(): NativeAddon {
   return loadAddon<NativeAddon>((message) => new VmmError(message));
@@ -262,6 +270,39 @@ export class Vm {
     } catch (e) {
       throw typed(e);
     }
+  }
+
+  /**
+   * Fills this process's reserve of VM shells until `count` (0..16) are held
+   * for `kvmDevice` (default the one VMs use), making them on libuv's pool;
+   * resolves with the number held. A shell is a KVM VM made ahead of need
+   * (KVM_CREATE_VM and its TSS and identity-map pages, no RAM, irqchip or
+   * vCPUs): the next Vm.create or Vm.restore on that device takes one and
+   * skips KVM_CREATE_VM, ~12 ms in the KVM lab on a host that leaves
+   * kvm.nx_huge_pages on (KVM starts and waits for a recovery thread per VM).
+   * A create or restore that finds none held while a fill is making one waits
+   * for it. Each held shell is an fd and a kernel thread: drain the reserve
+   * when no VM is coming. KvmError when one cannot be made (those made before
+   * it stay held).
+   */
+  static async fillShells(count: number, kvmDevice?: string): Promise<number> {
+    if (!Number.isInteger(count) || count < 0 || count > MAX_VM_SHELLS)
+      throw new InvalidArgumentError(`invalid shell count ${String(count)}: hold 0 to ${MAX_VM_SHELLS} VM shells`, { op: 'fill VM shells' });
+    try {
+      return await native().fillVmShells(count, kvmDevice);
+    } catch (e) {
+      throw typed(e);
+    }
+  }
+
+  /** Closes every held VM shell; returns how many. Shells a fill is still making land after it. */
+  static drainShells(): number {
+    return native().drainVmShells();
+  }
+
+  /** VM shells held now, for every device. */
+  static heldShells(): number {
+    return native().heldVmShells();
   }
 
   /** The KVM device used when VmConfig.kvmDevice is not given. */

@@ -155,6 +155,20 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
     console.log(`      restore call -> first vCPU entry ${Number(s.firstEntryNs! - s.restoredNs!) / 1e6} ms`);
   });
 
+  it('restored on a VM shell from the reserve (KVM_CREATE_VM done ahead), the guest finishes every remaining check', async function () {
+    this.timeout(150_000);
+    Vm.drainShells();
+    assert.equal(await Vm.fillShells(1), 1);
+    try {
+      const r = await restoreAndRun(main, 'r-shell', 10, bytes);
+      assert.equal(r.vm.stats().vmShell, true, 'the restore took the held shell');
+      assert.equal(Vm.heldShells(), 0);
+      assertFinished(main, r, 10);
+    } finally {
+      Vm.drainShells();
+    }
+  });
+
   it('two restores of one snapshot run at once, each with its own disks, vsock and RAM; the memory file is never written', async function () {
     this.timeout(150_000);
     const memBefore = crc32hex(readFileSync(join(main.snap, 'memory')));

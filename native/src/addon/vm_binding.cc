@@ -10,6 +10,7 @@
 // process would.
 #include <napi.h>
 
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -21,6 +22,7 @@
 #include "addon/snapshot_binding.h"
 #include "core/error.h"
 #include "kvm/machine.h"
+#include "kvm/vm_shell.h"
 
 namespace vmlet::addon {
 namespace {
@@ -248,6 +250,7 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
     o.Set("createdNs", Napi::BigInt::New(env, s.created_ns));
     if (s.first_entry_ns) o.Set("firstEntryNs", Napi::BigInt::New(env, s.first_entry_ns));
     if (s.boot_load_ns) o.Set("bootLoadNs", Napi::BigInt::New(env, s.boot_load_ns));
+    o.Set("vmShell", Napi::Boolean::New(env, s.from_shell));
     if (s.restored_ns) {
       o.Set("restoredNs", Napi::BigInt::New(env, s.restored_ns));
       o.Set("vsockResetSent", Napi::Boolean::New(env, machine_->vsock_reset_sent()));
@@ -326,11 +329,51 @@ Napi::Value CreateVm(const Napi::CallbackInfo& info) {
   return p;
 }
 
+// Fills the process's VM shell reserve (kvm/vm_shell.h) on libuv's pool:
+// KVM_CREATE_VM is what it takes off the path of the next create or restore.
+class FillShellsWorker : public PromiseWorker {
+ public:
+  FillShellsWorker(Napi::Env env, std::string device, size_t count) : PromiseWorker(env), device_(std::move(device)), count_(count) {}
+  void Work() override { held_ = kvm::VmShellReserve::Get().Fill(device_, count_); }
+  Napi::Value Result(Napi::Env env) override { return Napi::Number::New(env, static_cast<double>(held_)); }
+
+ private:
+  std::string device_;
+  size_t count_;
+  size_t held_ = 0;
+};
+
+Napi::Value FillVmShells(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  double count = info.Length() > 0 && info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+  // NaN fails the first test, so the cast below only sees 0..kMaxHeld.
+  if (!(count >= 0 && count <= double(kvm::VmShellReserve::kMaxHeld)) || std::floor(count) != count)
+    ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "fill VM shells",
+                                "count must be a whole number from 0 to " + std::to_string(kvm::VmShellReserve::kMaxHeld)));
+  std::string device = kvm::DefaultDevicePath();
+  if (info.Length() > 1 && !info[1].IsUndefined()) {
+    if (!info[1].IsString() || info[1].As<Napi::String>().Utf8Value().empty())
+      ThrowVmmError(env, VmmError(ErrorKind::InvalidArgument, "fill VM shells", "kvmDevice must be the path of a KVM device"));
+    device = info[1].As<Napi::String>().Utf8Value();
+  }
+  auto* w = new FillShellsWorker(env, std::move(device), static_cast<size_t>(count));
+  Napi::Promise p = w->Promise();
+  w->Queue();
+  return p;
+}
+
 void InitVm(Napi::Env env, Napi::Object exports) {
   VmHandle::Init(env, exports);
   exports.Set("createVm", Napi::Function::New(env, CreateVm, "createVm"));
   exports.Set("defaultKvmDevice", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
                 return Napi::String::New(info.Env(), kvm::DefaultDevicePath());
+              }));
+  exports.Set("fillVmShells", Napi::Function::New(env, FillVmShells, "fillVmShells"));
+  exports.Set("drainVmShells", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+                return Napi::Number::New(info.Env(), static_cast<double>(kvm::VmShellReserve::Get().Drain()));
+              }));
+  exports.Set("heldVmShells", Napi::Function::New(env, [](const Napi::CallbackInfo& info) {
+                return Napi::Number::New(info.Env(), static_cast<double>(kvm::VmShellReserve::Get().Held()));
               }));
 }
 

@@ -21,6 +21,7 @@
 #include "devices/serial.h"
 #include "virtio/device.h"
 #include "kvm/stats.h"
+#include "kvm/vm_shell.h"
 
 #include "devices/blk.h"
 #include "devices/vsock.h"
@@ -181,21 +182,21 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
     if (!config.boot.initrd.empty()) initrd_id_ = snapshot::FileIdentity::Stat(config.boot.initrd);
   }
 
-  kvm_ = std::make_unique<Kvm>(config.kvm_device.empty() ? DefaultDevicePath() : config.kvm_device);
+  // A shell from the reserve (kvm/vm_shell.h) when one is held for this
+  // device: its KVM_CREATE_VM already happened off this path.
+  const std::string device = config.kvm_device.empty() ? DefaultDevicePath() : config.kvm_device;
+  if (std::optional<VmShell> shell = VmShellReserve::Get().Take(device)) {
+    kvm_ = std::move(shell->kvm);
+    vm_fd_ = shell->Release();
+    from_shell_ = true;
+  } else {
+    kvm_ = std::make_unique<Kvm>(device);
+  }
   int max_vcpus = kvm_->CheckExtension(KVM_CAP_MAX_VCPUS);
   if (max_vcpus > 0 && config.cpus > static_cast<uint32_t>(max_vcpus))
     throw VmmError(ErrorKind::InvalidArgument, "create VM",
                    "cpus is " + std::to_string(config.cpus) + " but this KVM allows " + std::to_string(max_vcpus));
-
-  vm_fd_ = ioctl(kvm_->fd(), KVM_CREATE_VM, 0);
-  if (vm_fd_ < 0) throw SysError(ErrorKind::Kvm, "KVM_CREATE_VM");
-  // Three pages just below 4 GiB that Intel's real-mode emulation needs;
-  // they sit above the virtio window and never overlap RAM.
-  if (ioctl(vm_fd_, KVM_SET_TSS_ADDR, 0xfffbd000ul) != 0) throw SysError(ErrorKind::Kvm, "KVM_SET_TSS_ADDR");
-  if (kvm_->CheckExtension(KVM_CAP_SET_IDENTITY_MAP_ADDR) > 0) {
-    uint64_t ident = 0xfffbc000;
-    if (ioctl(vm_fd_, KVM_SET_IDENTITY_MAP_ADDR, &ident) != 0) throw SysError(ErrorKind::Kvm, "KVM_SET_IDENTITY_MAP_ADDR");
-  }
+  if (!from_shell_) vm_fd_ = CreateVmFd(*kvm_);
   // RAM before the interrupt controllers, on purpose: on the dev hosts' KVM a
   // memslot added once the in-kernel irqchip and PIT exist took ~7 ms (the
   // memslot update's grace-period wait, most likely), 0.03 ms before them:
@@ -808,6 +809,7 @@ MachineStats Machine::Stats() const {
   s.first_entry_ns = first_entry_ns_.load();
   s.restored_ns = restored_ns_;
   s.boot_load_ns = boot_load_ns_;
+  s.from_shell = from_shell_;
   for (size_t i = 0; i < exit_counts_.size(); i++) {
     uint64_t n = exit_counts_[i].load(std::memory_order_relaxed);
     if (!n) continue;

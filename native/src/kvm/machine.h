@@ -91,6 +91,7 @@ struct MachineStats {
   uint64_t first_entry_ns = 0;  // CLOCK_MONOTONIC of the first KVM_RUN; 0 before it
   uint64_t restored_ns = 0;     // CLOCK_MONOTONIC when a restore began; 0 for a booted VM
   uint64_t boot_load_ns = 0;    // booted VMs: how long kernel + initrd took to reach guest RAM
+  bool from_shell = false;      // made on a pre-made VM from the reserve (kvm/vm_shell.h)
 };
 
 class Machine {
@@ -194,6 +195,7 @@ class Machine {
   snapshot::FileIdentity initrd_id_;  // path empty: no initrd
   uint64_t restored_ns_ = 0;
   bool vsock_reset_sent_ = false;
+  bool from_shell_ = false;
 
   // Run state, guarded by mu_.
   mutable std::mutex mu_;
