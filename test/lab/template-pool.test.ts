@@ -7,6 +7,7 @@ import { strict as assert } from 'node:assert';
 import { mkdtempSync, openSync, readdirSync, readSync, rmSync, statSync, writeSync, closeSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Vm } from '../../native/ts/vmm';
 import { AgentClient } from '../../shim/agent/client';
 import { agentInitramfs, guestCmdline } from '../../shim/sandbox/guest';
 import { requireLabGuestKernel } from '../helpers/guest-kernel';
@@ -149,6 +150,33 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
     } finally {
       await warmPool.close();
     }
+  });
+
+  it('a pool with `shells` restores its next clones on VM shells made ahead, and close() drains them', async () => {
+    Vm.drainShells();
+    const shellPool = new TemplatePool({ spec: poolSpec, root: join(work, 'templates'), stateDir: work, agentTimeoutMs: 120_000, shells: 1 });
+    try {
+      const made: boolean[] = [];
+      for (const name of ['shell-a', 'shell-b', 'shell-c']) {
+        const g = await shellPool.acquire({ hostname: name });
+        made.push(g.vm.stats().vmShell);
+        try {
+          // A clone on a shell is a clone like any other.
+          assert.equal(await ok(g.client, 'busybox hostname'), name);
+        } finally {
+          await g.close();
+        }
+        // The top-up after an acquire runs in the background; the next restore
+        // would wait for it, this only makes the count below exact.
+        for (let i = 0; i < 100 && Vm.heldShells() < 1; i++) await new Promise((r) => setTimeout(r, 20));
+        assert.equal(Vm.heldShells(), 1, 'one shell made ahead for the next restore');
+      }
+      console.log(`      made on a VM shell: ${made.join(', ')}`);
+      assert.deepEqual(made.slice(1), [true, true], 'every restore after the first found its shell made');
+    } finally {
+      await shellPool.close();
+    }
+    assert.equal(Vm.heldShells(), 0, 'close() drained the reserve');
   });
 
   it('one template with empty disk slots serves two images: each clone stacks its own layers, the slots it was not given stay empty; a warm clone takes its layers while it runs', async () => {

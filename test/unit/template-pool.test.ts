@@ -92,10 +92,12 @@ describe('template pool: keys', function () {
     assert.equal(isSnapshotCorrupt(lookalike), false);
   });
 
-  it('warm outside 0..64 is refused before anything starts; acquire after close is POOL_CLOSED', async () => {
+  it('warm outside 0..64 and shells outside 0..16 are refused before anything starts; acquire after close is POOL_CLOSED', async () => {
     const spec = { kernel: '/nonexistent', initrd: '/nonexistent', cpus: 1, memoryMiB: 256, cmdline: '' };
     for (const warm of [-1, 65, 1.5])
       assert.throws(() => new TemplatePool({ spec, root: join(work, 't'), warm }), /BAD_POOL_OPTIONS: warm is .*: keep 0 to 64 clones warm/);
+    for (const shells of [-1, 17, 0.5])
+      assert.throws(() => new TemplatePool({ spec, root: join(work, 't'), shells }), /BAD_POOL_OPTIONS: shells is .*: keep 0 to 16 VM shells made ahead/);
     const pool = new TemplatePool({ spec, root: join(work, 't') });
     await pool.close();
     await assert.rejects(pool.acquire(), /POOL_CLOSED: acquire\(\) after close\(\)/);

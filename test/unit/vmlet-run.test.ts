@@ -154,6 +154,12 @@ describe('vmlet run: rootfs input', function () {
     assert.match(r.stderr.toString(), /rootfs .*missing\.sqfs does not exist: give a squashfs file, a directory or an image reference/);
   });
 
+  it('refuses a VMLET_VM_SHELLS other than 0 or 1, naming both', async () => {
+    const r = await runCli(['run', join(work, 'missing.sqfs'), '--', 'true'], { env: { ...forced, VMLET_VM_SHELLS: 'yes' } });
+    assert.equal(r.code, 125);
+    assert.match(r.stderr.toString(), /VMLET_VM_SHELLS is 'yes': set it to 1 \(the default: make the VM ahead\) or 0/);
+  });
+
   it('refuses a file that is not squashfs', async () => {
     const f = join(work, 'notes.txt');
     writeFileSync(f, 'not an image at all, but long enough to hold a superblock '.repeat(4));

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { finished } from 'node:stream/promises';
 import { Command, CommandContext, OptionValues, UsageError, stringOpt } from '../command';
 import { convertLayer, ImageError as LayerError } from '../../../native/ts/layer';
-import { VmmError } from '../../../native/ts/vmm';
+import { Vm, VmmError } from '../../../native/ts/vmm';
 import { AgentError, AgentProcess, ExecOptions, shellExitCode } from '../../agent/client';
 import { MAX_USER_SPEC } from '../../agent/protocol';
 import { ImageError } from '../../images/errors';
@@ -280,7 +280,24 @@ export const run: Command = {
   },
 };
 
+/**
+ * Whether this run makes its KVM VM ahead (a VM shell, kvm/vm_shell.h) while
+ * it resolves the rootfs and looks up the template. VMLET_VM_SHELLS=0 turns
+ * it off (to measure it, or on a host where KVM_CREATE_VM is cheap anyway:
+ * kvm.nx_huge_pages=never).
+ */
+function shellAhead(): boolean {
+  const v = process.env.VMLET_VM_SHELLS;
+  if (v === undefined || v === '' || v === '1') return true;
+  if (v === '0') return false;
+  throw new RunFailure(`VMLET_VM_SHELLS is '${v}': set it to 1 (the default: make the VM ahead) or 0`);
+}
+
 async function execute(req: RunRequest, ctx: CommandContext, work: string): Promise<number> {
+  // KVM_CREATE_VM on libuv's pool, beside the work below: the restore or boot
+  // takes the shell, or waits for it if it is still being made. A failure
+  // here is the create's to report, with its own context.
+  if (shellAhead()) Vm.fillShells(1).catch(() => undefined);
   const rootfs = await resolveRootfs(req, ctx.root, work);
   const spec = processSpec(req, rootfs);
 
@@ -406,7 +423,9 @@ function printStats(ctx: CommandContext, sandbox: Sandbox, t0: number, started: 
   } else if (report?.fallbackReason) {
     ctx.stderr.write(`vmlet run: booted because the template could not be used: ${report.fallbackReason}\n`);
   }
-  const exits = Object.entries(sandbox.stats().exits).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
+  const st = sandbox.stats();
+  const exits = Object.entries(st.exits).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
   const total = exits.reduce((s, [, n]) => s + n, 0);
-  ctx.stderr.write(`vmlet run: VM exits ${total}: ${exits.map(([k, n]) => `${k} ${n}`).join(', ')}\n`);
+  ctx.stderr.write(`vmlet run: VM exits ${total}: ${exits.map(([k, n]) => `${k} ${n}`).join(', ')}; ` +
+    `KVM_CREATE_VM ${st.vmShell ? 'done ahead (a VM shell)' : 'on the start path'}\n`);
 }
