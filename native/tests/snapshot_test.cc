@@ -9,6 +9,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 
 #include "core/error.h"
@@ -266,7 +267,7 @@ TEST_CASE("snapshot: the memory file holds only non-zero pages, checks out, and 
   // Refuses to overwrite.
   SnapshotErrorOf([&] { WriteMemoryFile(mem, path); });
 
-  GuestMemory restored(layout, GuestMemory::PrivateFile{path});
+  GuestMemory restored(layout, GuestMemory::PrivateFile{path, {}});
   EXPECT(restored.private_file());
   EXPECT_EQ(restored.fd(), -1);
   uint64_t v = 0;
@@ -277,7 +278,7 @@ TEST_CASE("snapshot: the memory file holds only non-zero pages, checks out, and 
   EXPECT_EQ(w, 0xabcdu);
   EXPECT(restored.WriteObj(a, uint64_t(42)));
   // The guest's write stayed in its copy: the file, and a second mapping of it, still hold the snapshot.
-  GuestMemory second(layout, GuestMemory::PrivateFile{path});
+  GuestMemory second(layout, GuestMemory::PrivateFile{path, {}});
   EXPECT(second.ReadObj(a, &v));
   EXPECT_EQ(v, 0x1122334455667788ull);
   EXPECT_EQ(MemoryFileCrc(path), info.crc);
@@ -287,7 +288,7 @@ TEST_CASE("snapshot: the memory file holds only non-zero pages, checks out, and 
   EXPECT_EQ(info2.crc, info.crc);
   // A memory file shorter than the layout is refused.
   EXPECT_EQ(truncate(again.c_str(), 1 << 20), 0);
-  EXPECT_THROWS(GuestMemory(layout, GuestMemory::PrivateFile{again}));
+  EXPECT_THROWS(GuestMemory(layout, GuestMemory::PrivateFile{again, {}}));
 }
 
 TEST_CASE("snapshot: anonymous RAM writes only its non-zero pages, the same file as memfd RAM, and never reads untouched pages") {
@@ -330,7 +331,7 @@ TEST_CASE("snapshot: anonymous RAM writes only its non-zero pages, the same file
   EXPECT(!Resident(untouched));  // found without reading it
 
   // Restores like any snapshot: every written value back at its address.
-  GuestMemory restored(layout, GuestMemory::PrivateFile{tmp.path + "/anon"});
+  GuestMemory restored(layout, GuestMemory::PrivateFile{tmp.path + "/anon", {}});
   for (uint64_t gpa : written) {
     uint64_t v = 0;
     EXPECT(restored.ReadObj(gpa, &v));
@@ -339,4 +340,89 @@ TEST_CASE("snapshot: anonymous RAM writes only its non-zero pages, the same file
   uint64_t z = 1;
   EXPECT(restored.ReadObj(0x9000, &z));
   EXPECT_EQ(z, 0u);
+}
+
+namespace {
+
+void WriteFilled(const std::string& path, size_t bytes, uint8_t seed) {
+  std::string data(bytes, '\0');
+  for (size_t i = 0; i < bytes; i += 4096) data[i] = static_cast<char>(seed + i / 4096);
+  int fd = open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0 || write(fd, data.data(), data.size()) != static_cast<ssize_t>(data.size())) throw testing::Failure("write " + path);
+  close(fd);
+}
+
+size_t MappingsOf(const std::string& dir) {
+  std::string maps = FileBytes("/proc/self/maps");
+  size_t n = 0;
+  for (size_t at = maps.find(dir); at != std::string::npos; at = maps.find(dir, at + 1)) n++;
+  return n;
+}
+
+std::string MemoryErrorOf(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const VmmError& e) {
+    if (e.kind() != ErrorKind::Memory) throw testing::Failure(std::string("wrong error kind: ") + e.what());
+    return e.what();
+  }
+  throw testing::Failure("expected a VmmError(Memory)");
+}
+
+}  // namespace
+
+TEST_CASE("snapshot: a memory overlay supplies its range's bytes, copy-on-write, 2 MiB-aligned; the rest comes from the memory file") {
+  TempDir tmp;
+  const uint64_t high = 4ull << 30;
+  std::vector<std::pair<uint64_t, uint64_t>> layout{{0, 8 << 20}, {high, 4 << 20}};
+  const std::string memory = tmp.path + "/memory", text = tmp.path + "/text", high_text = tmp.path + "/high";
+  WriteFilled(memory, 12 << 20, 1);
+  WriteFilled(text, 4 << 20, 101);
+  WriteFilled(high_text, 2 << 20, 201);
+  const std::string text_before = FileBytes(text);
+  {
+    GuestMemory m(layout, GuestMemory::PrivateFile{memory, {{2 << 20, text}, {high + (2 << 20), high_text}}});
+    EXPECT_EQ(m.overlay_bytes(), 6ull << 20);
+    for (auto& r : m.regions()) EXPECT_EQ(reinterpret_cast<uintptr_t>(r.host) % (2u << 20), 0u);
+    uint8_t b = 0;
+    // Page k of the memory file starts with 1 + k, of an overlay with its seed + k.
+    EXPECT(m.ReadObj(0, &b) && b == 1);
+    EXPECT(m.ReadObj((2 << 20) - 4096, &b) && b == uint8_t(1 + 511));
+    EXPECT(m.ReadObj(2 << 20, &b) && b == 101);
+    EXPECT(m.ReadObj((6 << 20) - 4096, &b) && b == uint8_t(101 + 1023));
+    EXPECT(m.ReadObj(6 << 20, &b) && b == uint8_t(1 + 1536));
+    EXPECT(m.ReadObj(high + (2 << 20), &b) && b == 201);
+    EXPECT(m.ReadObj(high, &b) && b == uint8_t(1 + 2048));
+    // The guest's write stays in its copy.
+    EXPECT(m.WriteObj(2 << 20, uint8_t(0xee)));
+    EXPECT(m.ReadObj(2 << 20, &b) && b == 0xee);
+    EXPECT(MappingsOf(tmp.path) >= 4);
+  }
+  EXPECT(FileBytes(text) == text_before);
+  EXPECT_EQ(MappingsOf(tmp.path), 0u);
+}
+
+TEST_CASE("snapshot: a memory overlay misaligned, of a partial 2 MiB, outside RAM, overlapping or missing is refused, nothing left mapped") {
+  TempDir tmp;
+  std::vector<std::pair<uint64_t, uint64_t>> layout{{0, 8 << 20}};
+  const std::string memory = tmp.path + "/memory", two = tmp.path + "/two", odd = tmp.path + "/odd";
+  WriteFilled(memory, 8 << 20, 1);
+  WriteFilled(two, 2 << 20, 7);
+  WriteFilled(odd, 3 << 20, 7);
+  const std::string four = tmp.path + "/four";
+  WriteFilled(four, 4 << 20, 7);
+  auto refused = [&](std::vector<GuestMemory::Overlay> overlays, const char* says) {
+    std::string why = MemoryErrorOf([&] { GuestMemory m(layout, GuestMemory::PrivateFile{memory, overlays}); });
+    if (!Contains(why, says)) throw testing::Failure("'" + why + "' does not say '" + says + "'");
+    EXPECT_EQ(MappingsOf(tmp.path), 0u);
+  };
+  refused({{1 << 20, two}}, "2 MiB-aligned address");
+  refused({{2 << 20, odd}}, "whole 2 MiB");
+  refused({{8 << 20, two}}, "not inside one RAM region");
+  refused({{6 << 20, four}}, "not inside one RAM region");  // crosses the region's end
+  refused({{2 << 20, two}, {2 << 20, two}}, "overlap");
+  refused({{2 << 20, tmp.path + "/missing"}}, "missing");
+  // The memory file itself missing, with a good overlay: refused, nothing mapped.
+  std::string why = MemoryErrorOf([&] { GuestMemory m(layout, GuestMemory::PrivateFile{tmp.path + "/nomemory", {{2 << 20, two}}}); });
+  EXPECT(Contains(why, "nomemory"));
 }

@@ -70,6 +70,8 @@ export interface VmStats {
   restoredNs?: bigint;
   /** Restored VMs: whether VIRTIO_VSOCK_EVENT_TRANSPORT_RESET reached the guest (false when its vsock driver was not live). */
   vsockResetSent?: boolean;
+  /** Restored VMs: bytes of RAM mapped from RestoreOptions.memoryOverlays. */
+  memoryOverlayBytes?: number;
   /** Whether the VM was made on a pre-made KVM VM from the shell reserve (Vm.fillShells), skipping KVM_CREATE_VM. */
   vmShell: boolean;
 }
@@ -112,6 +114,15 @@ export interface RestoreOptions {
   verifyMemory?: boolean;
   /** Refuse (SnapshotError) a snapshot booted from another kernel/initrd: SHA-256 hex of the expected files. */
   expect?: { kernelSha256?: string; initrdSha256?: string };
+  /**
+   * RAM ranges read from other files instead of the memory file, each mapped
+   * copy-on-write over [gpa, gpa + its size): for a file on a huge-page tmpfs
+   * holding the same bytes, so the host and KVM map the range with 2 MiB
+   * pages (shim/sandbox/huge-text.ts). gpa and size in whole 2 MiB, inside
+   * RAM, not overlapping (GuestMemoryError otherwise). The file must hold the
+   * memory file's bytes for the range: the guest sees what it holds.
+   */
+  memoryOverlays?: { gpa: number; path: string }[];
 }
 
 /** A snapshot directory's recorded inputs (Vm.inspectSnapshot), checked but not restored. */

@@ -7,7 +7,7 @@
 import { strict as assert } from 'node:assert';
 import { copyFileSync, linkSync, mkdirSync, readFileSync, readdirSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { InvalidArgumentError, RestoreOptions, SnapshotError, SnapshotInfo, Vm, VmConfig, VmExit } from '../../native/ts/vmm';
+import { GuestMemoryError, InvalidArgumentError, RestoreOptions, SnapshotError, SnapshotInfo, Vm, VmConfig, VmExit } from '../../native/ts/vmm';
 import { requireKvm } from '../helpers/kvm';
 import {
   connectToGuest, crc32hex, one, parseTg, pattern, randomDisk, requireTestguest, serveGuestConnect, TgOutput, waitForSerialLine, within,
@@ -73,7 +73,7 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
   }
 
   /** Restores `o` with its own disk copies, vsock peers and serial log, runs it to its exit. */
-  async function restoreAndRun(o: Original, name: string, cid: number, vsockBytes: number): Promise<{ exit: VmExit; out: TgOutput; text: string; vm: Vm; disk1: string }> {
+  async function restoreAndRun(o: Original, name: string, cid: number, vsockBytes: number, extra: Partial<RestoreOptions> = {}): Promise<{ exit: VmExit; out: TgOutput; text: string; vm: Vm; disk1: string }> {
     const d0 = scratch.path(`${name}-d0.img`), d1 = scratch.path(`${name}-d1.img`), uds = scratch.path(`${name}.sock`);
     writeFileSync(d0, o.disk0);
     writeFileSync(d1, o.disk1);
@@ -81,7 +81,7 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
     const guestConnect = serveGuestConnect(uds, port, vsockBytes, seed);
     let vm: Vm | undefined;
     try {
-      vm = await Vm.restore({ snapshot: o.snap, serialLog, disks: [{ path: d0, id: 'd0' }, { path: d1, id: 'd1' }], vsock: { cid, udsPath: uds } });
+      vm = await Vm.restore({ snapshot: o.snap, serialLog, disks: [{ path: d0, id: 'd0' }, { path: d1, id: 'd1' }], vsock: { cid, udsPath: uds }, ...extra });
       vm.start();
       await waitForSerialLine(serialLog, /^TG vsock .*ready=1$/m, vm.wait(), 60_000);
       const hostConnect = connectToGuest(uds, listen, vsockBytes, seed);
@@ -167,6 +167,22 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
     } finally {
       Vm.drainShells();
     }
+  });
+
+  it('restored with memory overlays holding the snapshot\'s own bytes (what huge-page kernel text uses), the guest finishes every check', async function () {
+    this.timeout(150_000);
+    // The test guest's code and data sit in the first MiBs: overlays there are read and written.
+    const memory = readFileSync(join(main.snap, 'memory'));
+    const overlays = [0, 2, 6].map((mib) => {
+      const path = scratch.path(`overlay-${mib}.bin`);
+      writeFileSync(path, memory.subarray(mib << 20, (mib + 2) << 20));
+      return { gpa: mib << 20, path };
+    });
+    const before = overlays.map((o) => crc32hex(readFileSync(o.path)));
+    const r = await restoreAndRun(main, 'r-overlay', 11, bytes, { memoryOverlays: overlays });
+    assert.equal(r.vm.stats().memoryOverlayBytes, 6 << 20);
+    assertFinished(main, r, 11);
+    assert.deepEqual(overlays.map((o) => crc32hex(readFileSync(o.path))), before, 'copy-on-write: the overlay files are never written');
   });
 
   it('two restores of one snapshot run at once, each with its own disks, vsock and RAM; the memory file is never written', async function () {
@@ -367,6 +383,32 @@ describe('vm snapshot/restore with the test guest (/dev/kvm)', function () {
       await assert.rejects(Vm.restore({ snapshot: '', serialLog: 'x' }), InvalidArgumentError);
       await assert.rejects(Vm.restore({ snapshot: main.snap, serialLog: '' }), InvalidArgumentError);
       await assert.rejects(Vm.restore({ ...opts(main.snap), vsock: { cid: 2, udsPath: 'x' } }), /guest CIDs start at 3/);
+    });
+    it('memory overlays: malformed options are InvalidArgumentError naming the field; misaligned, partial, outside RAM or missing ones are GuestMemoryError', async () => {
+      const o = opts(main.snap);
+      const two = scratch.path('bad-overlay-2m.bin'), one = scratch.path('bad-overlay-1m.bin');
+      writeFileSync(two, Buffer.alloc(2 << 20));
+      writeFileSync(one, Buffer.alloc(1 << 20));
+      const malformed: [unknown, RegExp][] = [
+        ['x', /options\.memoryOverlays must be an array/],
+        [[7], /options\.memoryOverlays\[0\] must be an object/],
+        [[{ gpa: -2, path: two }], /options\.memoryOverlays\[0\]\.gpa must be a whole number/],
+        [[{ gpa: 0.5, path: two }], /options\.memoryOverlays\[0\]\.gpa must be a whole number/],
+        [[{ gpa: 0, path: two }, { gpa: 2 << 20 }], /options\.memoryOverlays\[1\]\.path must be a non-empty string/],
+      ];
+      for (const [memoryOverlays, says] of malformed)
+        await assert.rejects(Vm.restore({ ...o, memoryOverlays } as RestoreOptions), (e: unknown) => e instanceof InvalidArgumentError && says.test((e as Error).message), String(says));
+      const refusedMemory = async (memoryOverlays: RestoreOptions['memoryOverlays'], says: RegExp) => {
+        const before = usage();
+        await assert.rejects(Vm.restore({ ...o, memoryOverlays }), (e: unknown) => e instanceof GuestMemoryError && says.test((e as Error).message), String(says));
+        const after = usage();
+        assert.deepEqual([after.fds, after.vcpuThreads], [before.fds, 0], 'nothing half-started');
+      };
+      await refusedMemory([{ gpa: 1 << 20, path: two }], /2 MiB-aligned address/);
+      await refusedMemory([{ gpa: 0, path: one }], /whole 2 MiB/);
+      await refusedMemory([{ gpa: 64 << 20, path: two }], /not inside one RAM region/);
+      await refusedMemory([{ gpa: 0, path: two }, { gpa: 0, path: two }], /overlap/);
+      await refusedMemory([{ gpa: 0, path: scratch.path('no-such-overlay') }], /no-such-overlay/);
     });
     it('disks that differ: count, size, readOnly; vsock missing', async () => {
       const o = opts(main.snap);

@@ -1,5 +1,6 @@
 #include "addon/snapshot_binding.h"
 
+#include <cmath>
 #include <memory>
 #include <string>
 
@@ -88,6 +89,24 @@ snapshot::RestoreOptions ParseRestore(Napi::Env env, Napi::Value value) {
   Napi::Value verify = o.Get("verifyMemory");
   r.verify_memory = verify.IsBoolean() && verify.As<Napi::Boolean>().Value();
   r.disks = ParseDiskSpecs(env, o.Get("disks"), "restore VM", "options");
+  Napi::Value overlays = o.Get("memoryOverlays");
+  if (!overlays.IsUndefined()) {
+    if (!overlays.IsArray()) Invalid(env, "restore VM", "options.memoryOverlays must be an array of { gpa, path }");
+    Napi::Array a = overlays.As<Napi::Array>();
+    for (uint32_t i = 0; i < a.Length(); i++) {
+      const std::string at = "options.memoryOverlays[" + std::to_string(i) + "]";
+      Napi::Value e = a.Get(i);
+      if (!e.IsObject()) Invalid(env, "restore VM", at + " must be an object { gpa, path }");
+      Napi::Value gpa = e.As<Napi::Object>().Get("gpa");
+      // Whole numbers up to 2^53 are exact in a double; RAM ends far below.
+      double g = gpa.IsNumber() ? gpa.As<Napi::Number>().DoubleValue() : -1;
+      if (!(g >= 0 && g <= 9007199254740991.0) || std::floor(g) != g) Invalid(env, "restore VM", at + ".gpa must be a whole number of bytes");
+      GuestMemory::Overlay ov;
+      ov.gpa = static_cast<uint64_t>(g);
+      ov.path = String(env, e.As<Napi::Object>(), "path", true, (at + ".").c_str());
+      r.memory_overlays.push_back(std::move(ov));
+    }
+  }
   Napi::Value vsock = o.Get("vsock");
   if (!vsock.IsUndefined()) {
     if (!vsock.IsObject()) Invalid(env, "restore VM", "options.vsock must be an object");

@@ -254,6 +254,7 @@ class VmHandle : public Napi::ObjectWrap<VmHandle> {
     if (s.restored_ns) {
       o.Set("restoredNs", Napi::BigInt::New(env, s.restored_ns));
       o.Set("vsockResetSent", Napi::Boolean::New(env, machine_->vsock_reset_sent()));
+      o.Set("memoryOverlayBytes", Napi::Number::New(env, static_cast<double>(s.overlay_bytes)));
     }
     return o;
   }

@@ -103,32 +103,78 @@ GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layou
 }
 
 GuestMemory::GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const PrivateFile& file) {
-  total_ = CheckedTotal(layout, "map guest memory file");
-  int fd = open(file.path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw SysError(ErrorKind::Memory, "open guest memory file", file.path);
-  struct stat st {};
-  if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < total_) {
-    close(fd);
-    throw VmmError(ErrorKind::Memory, "map guest memory file",
-                   file.path + " is " + std::to_string(st.st_size) + " bytes, less than the " + std::to_string(total_) + " bytes of RAM");
-  }
-  uint64_t off = 0;
-  for (auto& [gpa, size] : layout) {
-    // Writable private mapping of a read-only fd: writes go to anonymous
-    // copies, the file is never written.
-    void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, static_cast<off_t>(off));
-    if (p == MAP_FAILED) {
-      auto e = SysError(ErrorKind::Memory, "mmap guest memory file", file.path);
-      for (auto& r : regions_) munmap(r.host, r.size);
-      close(fd);
-      throw e;
+  const char* op = "map guest memory file";
+  total_ = CheckedTotal(layout, op);
+  // Overlays are checked whole before anything is mapped.
+  struct OpenOverlay {
+    uint64_t gpa = 0, size = 0;
+    int fd = -1;
+    std::string path;
+  };
+  std::vector<OpenOverlay> overlays;
+  int fd = -1;
+  auto release = [&] {
+    for (auto& r : regions_) munmap(r.host, r.size);
+    regions_.clear();
+    for (auto& o : overlays) close(o.fd);
+    if (fd >= 0) close(fd);
+  };
+  try {
+    for (const Overlay& o : file.overlays) {
+      OpenOverlay oo;
+      oo.gpa = o.gpa;
+      oo.path = o.path;
+      oo.fd = open(o.path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (oo.fd < 0) throw SysError(ErrorKind::Memory, "open guest memory overlay", o.path);
+      overlays.push_back(oo);
+      struct stat st {};
+      if (fstat(oo.fd, &st) != 0) throw SysError(ErrorKind::Memory, "stat guest memory overlay", o.path);
+      overlays.back().size = static_cast<uint64_t>(st.st_size);
+      const uint64_t size = overlays.back().size;
+      if (o.gpa % kHugePage || size == 0 || size % kHugePage)
+        throw VmmError(ErrorKind::Memory, op, "overlay " + o.path + " at guest address " + std::to_string(o.gpa) + " of " +
+                                                  std::to_string(size) + " bytes: give a 2 MiB-aligned address and a non-empty file of whole 2 MiB");
+      bool inside = false;
+      for (auto& [gpa, rsize] : layout) inside |= o.gpa >= gpa && o.gpa - gpa <= rsize && size <= rsize - (o.gpa - gpa);
+      if (!inside)
+        throw VmmError(ErrorKind::Memory, op, "overlay " + o.path + " at guest address " + std::to_string(o.gpa) + " of " +
+                                                  std::to_string(size) + " bytes is not inside one RAM region");
     }
-    regions_.push_back(MemoryRegion{gpa, size, static_cast<uint8_t*>(p), off});
-    // Private like anonymous RAM: a fork would make it copy-on-write here too.
-    madvise(p, size, MADV_DONTFORK);
-    off += size;
+    for (size_t i = 0; i < overlays.size(); i++)
+      for (size_t j = i + 1; j < overlays.size(); j++)
+        if (overlays[i].gpa < overlays[j].gpa + overlays[j].size && overlays[j].gpa < overlays[i].gpa + overlays[i].size)
+          throw VmmError(ErrorKind::Memory, op, "overlays " + overlays[i].path + " and " + overlays[j].path + " overlap");
+
+    fd = open(file.path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw SysError(ErrorKind::Memory, "open guest memory file", file.path);
+    struct stat st {};
+    if (fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < total_)
+      throw VmmError(ErrorKind::Memory, op,
+                     file.path + " is " + std::to_string(st.st_size) + " bytes, less than the " + std::to_string(total_) + " bytes of RAM");
+    uint64_t off = 0;
+    for (auto& [gpa, size] : layout) {
+      // Writable private mapping of a read-only fd: writes go to anonymous
+      // copies, the file is never written. 2 MiB-aligned like booted RAM, so
+      // that huge page-cache pages (an overlay's, or a file system's large
+      // folios) can be mapped whole, by the host and by KVM.
+      uint8_t* p = MapHugeAligned(size, MAP_PRIVATE | MAP_NORESERVE, fd, off, "mmap guest memory file");
+      regions_.push_back(MemoryRegion{gpa, size, p, off});
+      for (const OpenOverlay& o : overlays) {
+        if (o.gpa < gpa || o.gpa - gpa >= size) continue;
+        void* q = mmap(p + (o.gpa - gpa), o.size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE | MAP_FIXED, o.fd, 0);
+        if (q == MAP_FAILED) throw SysError(ErrorKind::Memory, "mmap guest memory overlay", o.path);
+        overlay_bytes_ += o.size;
+      }
+      // Private like anonymous RAM: a fork would make it copy-on-write here too.
+      madvise(p, size, MADV_DONTFORK);
+      off += size;
+    }
+  } catch (...) {
+    release();
+    throw;
   }
-  // The mappings keep the file; no fd needs to stay open per VM.
+  // The mappings keep the files; no fd needs to stay open per VM.
+  for (auto& o : overlays) close(o.fd);
   close(fd);
   private_file_ = true;
 }

@@ -62,8 +62,25 @@ class GuestMemory {
   // front). The file must be at least the layout's total size. Hazard: a
   // page the guest never wrote is still the file's, so the file must not
   // change while a VM maps it. fd() is -1 in this mode.
+  //
+  // Overlays: ranges of RAM read from another file instead, each mapped
+  // MAP_PRIVATE over its range (still copy-on-write, the file never written).
+  // What they are for: a file on a huge-page tmpfs (huge=always) holding the
+  // same bytes as the memory file there gives the host 2 MiB page-cache pages
+  // for that range, and KVM then maps it with 2 MiB stage-2 entries: a
+  // restored guest's kernel text, read all over and never written, takes a
+  // handful of nested page faults instead of ~230 (shim/sandbox/huge-text.ts).
+  // Each overlay's gpa and its file's size are 2 MiB multiples, it lies inside
+  // one region, and overlays do not overlap; otherwise VmmError(Memory). Hazard:
+  // the caller vouches that the file holds the memory file's bytes for the
+  // range: the guest sees whatever it holds.
+  struct Overlay {
+    uint64_t gpa = 0;
+    std::string path;
+  };
   struct PrivateFile {
     std::string path;
+    std::vector<Overlay> overlays;
   };
   GuestMemory(const std::vector<std::pair<uint64_t, uint64_t>>& layout, const PrivateFile& file);
   ~GuestMemory();
@@ -75,6 +92,8 @@ class GuestMemory {
   int fd() const { return fd_; }
   uint64_t total_size() const { return total_; }
   bool private_file() const { return private_file_; }
+  // Bytes of RAM mapped from overlay files (PrivateFile::overlays).
+  uint64_t overlay_bytes() const { return overlay_bytes_; }
   bool anonymous() const { return fd_ < 0 && !private_file_; }
 
   // The single checked translation. nullopt when any byte of the range is
@@ -107,6 +126,7 @@ class GuestMemory {
   uint64_t total_ = 0;
   std::vector<MemoryRegion> regions_;
   bool private_file_ = false;
+  uint64_t overlay_bytes_ = 0;
 };
 
 }  // namespace vmlet

@@ -202,8 +202,9 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
   // memslot update's grace-period wait, most likely), 0.03 ms before them:
   // most of a VM's start and restore time. Firecracker orders it the same way.
   // (The KVM lab hangs once blamed on this order came from multi-threaded TCG.)
-  if (image) mem_ = std::make_unique<GuestMemory>(boot::RamLayout(config.memory_bytes), GuestMemory::PrivateFile{image->memory_path});
+  if (image) mem_ = std::make_unique<GuestMemory>(boot::RamLayout(config.memory_bytes), GuestMemory::PrivateFile{image->memory_path, config.memory_overlays});
   else mem_ = std::make_unique<GuestMemory>(boot::RamLayout(config.memory_bytes), backing);
+  overlay_bytes_ = mem_->overlay_bytes();  // kept for Stats after teardown frees mem_
   uint32_t slot = 0;
   for (auto& r : mem_->regions()) {
     kvm_userspace_memory_region region{};
@@ -810,6 +811,7 @@ MachineStats Machine::Stats() const {
   s.restored_ns = restored_ns_;
   s.boot_load_ns = boot_load_ns_;
   s.from_shell = from_shell_;
+  s.overlay_bytes = overlay_bytes_;
   for (size_t i = 0; i < exit_counts_.size(); i++) {
     uint64_t n = exit_counts_[i].load(std::memory_order_relaxed);
     if (!n) continue;

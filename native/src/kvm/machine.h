@@ -73,6 +73,8 @@ struct MachineConfig {
   // Hide KVM paravirt features (CPUID 0x40000001) from a guest that must not
   // use hypercalls or kvmclock.
   bool mask_kvm_paravirt = false;
+  // Restores only: RAM ranges read from other files (core/guest_memory.h Overlay).
+  std::vector<GuestMemory::Overlay> memory_overlays;
 };
 
 struct VmExit {
@@ -92,6 +94,7 @@ struct MachineStats {
   uint64_t restored_ns = 0;     // CLOCK_MONOTONIC when a restore began; 0 for a booted VM
   uint64_t boot_load_ns = 0;    // booted VMs: how long kernel + initrd took to reach guest RAM
   bool from_shell = false;      // made on a pre-made VM from the reserve (kvm/vm_shell.h)
+  uint64_t overlay_bytes = 0;   // restored VMs: RAM mapped from memory overlays
 };
 
 class Machine {
@@ -196,6 +199,7 @@ class Machine {
   uint64_t restored_ns_ = 0;
   bool vsock_reset_sent_ = false;
   bool from_shell_ = false;
+  uint64_t overlay_bytes_ = 0;
 
   // Run state, guarded by mu_.
   mutable std::mutex mu_;

@@ -344,6 +344,7 @@ kvm::MachineConfig RestoreConfig(const Image& image, const RestoreOptions& o) {
   m.disks = o.disks;
   m.vsock = o.vsock;
   m.mask_kvm_paravirt = c.mask_kvm_paravirt;
+  m.memory_overlays = o.memory_overlays;
   return m;
 }
 

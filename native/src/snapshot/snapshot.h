@@ -112,6 +112,8 @@ struct RestoreOptions {
   // a template cached for another kernel or initrd (agent) is refused.
   std::string expect_kernel_sha256;
   std::string expect_initrd_sha256;
+  // RAM ranges mapped from other files holding the same bytes (core/guest_memory.h).
+  std::vector<GuestMemory::Overlay> memory_overlays;
 };
 
 // The machine config a restore builds: the snapshot's, with the new
