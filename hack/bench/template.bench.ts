@@ -11,6 +11,8 @@
 // - restore -> agent ready: Vm.restore() called -> HELLO answered, and
 //   host-side restore: Vm.restore() called -> first vCPU entry (the VMM's own
 //   part), and SET_IDENTITY's round trip (VMLET_BENCH_RUNS, default 50);
+// - restores map the kernel text from a huge-page tmpfs unless VMLET_HUGE_TEXT=0
+//   (shim/sandbox/huge-text.ts; the header says which);
 // - each of these again on a VM shell (Vm.fillShells just before, outside the
 //   timing), as a long-running pool with `shells` gets them;
 // - unique host memory per idle VM: VMLET_BENCH_HELD (default 10) VMs of each
@@ -147,6 +149,7 @@ export async function run(): Promise<void> {
     const plain = series();
     const shell = series();
     const everyCold = Math.max(1, Math.floor(RUNS / Math.max(1, COLD_RUNS)));
+    let overlayMiB = 0;
     const onShell = async (use: boolean): Promise<void> => {
       Vm.drainShells();
       if (use) await Vm.fillShells(1);
@@ -156,6 +159,7 @@ export async function run(): Promise<void> {
         await onShell(use);
         const g: RestoredGuest = await pool.acquire({ layers });
         const st = g.vm.stats();
+        overlayMiB = (st.memoryOverlayBytes ?? 0) / 2 ** 20;
         if (st.vmShell !== use) throw new Error(`restore ${i}: made ${st.vmShell ? 'on' : 'without'} a VM shell, expected ${use ? 'on' : 'without'}`);
         s.restoreAgent.push(ms(g.timings.restoreNs, g.timings.agentReadyNs));
         s.identity.push(ms(g.timings.agentReadyNs, g.timings.identityNs));
@@ -171,6 +175,7 @@ export async function run(): Promise<void> {
       }
     }
     Vm.drainShells();
+    console.log(`kernel text: ${overlayMiB === 0 ? 'from the memory file in 4 KiB pages (VMLET_HUGE_TEXT=0, or no huge tmpfs here)' : `${overlayMiB} MiB mapped from a huge-page tmpfs (shim/sandbox/huge-text.ts)`}`);
     const row = (name: string, xs: number[]) =>
       console.log(`  ${name.padEnd(46)} ${percentile(xs, 50).toFixed(1).padStart(10)} ${percentile(xs, 90).toFixed(1).padStart(10)} ${String(xs.length).padStart(6)}`);
     console.log(`\n  ${'metric (ms)'.padEnd(46)} ${'p50'.padStart(10)} ${'p90'.padStart(10)} ${'runs'.padStart(6)}`);

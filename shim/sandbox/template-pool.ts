@@ -18,7 +18,7 @@
 // more layers than slots gets a template made with its layers as `disks`.
 // templateLauncher() plugs this into Sandbox (a VmLauncher).
 import { randomBytes, createHash } from 'node:crypto';
-import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { addonPath } from '../../native/ts/addon';
@@ -27,6 +27,7 @@ import { AgentClient, AgentError, IdentityResult } from '../agent/client';
 import { agentInitramfs, guestCmdline, requireGuestKernel } from './guest';
 import { LaunchedVm, LaunchOptions, SandboxError, SandboxSpec, virtioBlkDevice, VmLauncher, waitForAgent } from './sandbox';
 import { FILE_HASH_CACHE, sha256File } from './file-hash';
+import { ensureTextFile, hugeTextDir, kernelTextRange } from './huge-text';
 import { Template, TemplateError, TemplateInputs, TemplateStore, templateKey, templateLog } from './template-store';
 
 // Where the file hashes of the template key are cached (re-exported for the CLI and tests).
@@ -195,6 +196,7 @@ export class TemplatePool {
   private readonly warmQueue: Promise<PreparedClone>[] = [];
   private readonly shellTarget: number;
   private shellFill: Promise<void> = Promise.resolve();
+  private readonly hugeTextByTemplate = new Map<string, { gpa: number; path: string }[]>();
   private closed = false;
 
   constructor(opts: TemplatePoolOptions) {
@@ -420,6 +422,35 @@ export class TemplatePool {
     return [...(this.spec.disks ?? []).map((path): DiskConfig => ({ path, readOnly: true })), ...slots];
   }
 
+  /**
+   * The template's kernel text as a huge-page overlay (huge-text.ts), worked
+   * out once per template per pool: none when the kernel is not an ELF
+   * vmlinux, VMLET_HUGE_TEXT=0, or no huge tmpfs can be had here.
+   */
+  private hugeText(template: Template): { gpa: number; path: string }[] {
+    // Keyed by the memory file itself: a template remade in the same directory is another file.
+    const memory = join(template.dir, 'snapshot', 'memory');
+    let id: string;
+    try {
+      const st = statSync(memory);
+      id = `${memory}:${st.ino}:${st.mtimeMs}`;
+    } catch {
+      return []; // the restore reports the missing file
+    }
+    const known = this.hugeTextByTemplate.get(id);
+    if (known) return known;
+    let overlays: { gpa: number; path: string }[] = [];
+    try {
+      const range = kernelTextRange(this.spec.kernel);
+      const dir = range ? hugeTextDir() : null;
+      if (range && dir) overlays = [{ gpa: range.gpa, path: ensureTextFile(dir, template.key, memory, range) }];
+    } catch (e) {
+      templateLog.warn(`restores of template ${template.key} map kernel text in 4 KiB pages: ${(e as Error).message}`);
+    }
+    this.hugeTextByTemplate.set(id, overlays);
+    return overlays;
+  }
+
   /** Restores a clone and waits for its agent; SnapshotError here makes the store remake the template. */
   private async prepare(template: Template, givenStateDir?: string, signal?: AbortSignal, layers: string[] = []): Promise<PreparedClone> {
     const stateDir = givenStateDir ?? mkdtempSync(join(this.stateParent, 'vmlet-restored-'));
@@ -433,6 +464,7 @@ export class TemplatePool {
         serialLog,
         disks: this.templateDisks(layers),
         vsock: { cid: GUEST_CID, udsPath: vsockPath },
+        memoryOverlays: this.hugeText(template),
         // The key already names the kernel and initrd; this catches a template
         // directory that does not hold what its key says (copied, tampered).
         expect: { kernelSha256: String(template.manifest.inputs.kernel), initrdSha256: String(template.manifest.inputs.initrd) },

@@ -11,6 +11,7 @@ import { Vm } from '../../native/ts/vmm';
 import { AgentClient } from '../../shim/agent/client';
 import { agentInitramfs, guestCmdline } from '../../shim/sandbox/guest';
 import { requireLabGuestKernel } from '../helpers/guest-kernel';
+import { DEFAULT_HUGE_TEXT_DIR, isHugeTmpfs, kernelTextRange } from '../../shim/sandbox/huge-text';
 import { RestoredGuest, TemplatePool, TemplateSpec } from '../../shim/sandbox/template-pool';
 import { buildTestLayers, collect } from '../unit/agent-harness';
 
@@ -64,8 +65,28 @@ describe('template pool with the Linux guest (inside hack/kvm-lab)', function ()
       const ms = (a: bigint, b: bigint) => (Number(b - a) / 1e6).toFixed(1);
       console.log(`      ${hostname}: acquire ${Date.now() - t1} ms (restore → agent ${ms(g.timings.restoreNs, g.timings.agentReadyNs)} ms, identity ${ms(g.timings.agentReadyNs, g.timings.identityNs)} ms; guest clock was ${Number(g.identity.guestRealtimeBeforeNs - g.identity.hostRealtimeSentNs!) / 1e9} s off)`);
       assert.equal(g.template.manifest.id, template.manifest.id, 'restored from the one template');
+      // Its kernel text comes from the huge-page tmpfs (huge-text.ts), which the lab lets vmlet mount.
+      assert.equal(g.vm.stats().memoryOverlayBytes, kernelTextRange(poolSpec.kernel)!.bytes, 'kernel text mapped from the huge-page file');
     }
     assert.deepEqual(pool.store.list(), [pool.key()]);
+    assert.ok(isHugeTmpfs(DEFAULT_HUGE_TEXT_DIR), `${DEFAULT_HUGE_TEXT_DIR} is a huge-page tmpfs`);
+  });
+
+  it('VMLET_HUGE_TEXT=0: the clone maps all its RAM from the memory file, and runs the same', async () => {
+    process.env.VMLET_HUGE_TEXT = '0';
+    const plain = new TemplatePool({ spec: poolSpec, root: join(work, 'templates'), stateDir: work, agentTimeoutMs: 120_000 });
+    try {
+      const g = await plain.acquire({ hostname: 'clone-4k' });
+      try {
+        assert.equal(g.vm.stats().memoryOverlayBytes, 0);
+        assert.equal(await ok(g.client, 'busybox hostname'), 'clone-4k');
+      } finally {
+        await g.close();
+      }
+    } finally {
+      delete process.env.VMLET_HUGE_TEXT;
+      await plain.close();
+    }
   });
 
   it('each clone has the hostname it was given', async () => {
