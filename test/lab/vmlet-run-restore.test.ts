@@ -13,6 +13,8 @@ import { readdirSync, readFileSync, rmSync, statSync, truncateSync, writeFileSyn
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CliResult, vmletRunLabFixture, runCli, startCli } from '../helpers/vmlet-cli';
+import { kernelTextRange } from '../../shim/sandbox/huge-text';
+import { requireGuestKernel } from '../../shim/sandbox/guest';
 
 const MiB = 1 << 20;
 
@@ -96,6 +98,9 @@ describe('vmlet run restores from a template by default (inside hack/kvm-lab)', 
       assert.equal(r.code, 3, show(r));
       const err = r.stderr.toString();
       assert.match(err, /^vmlet run: template [0-9a-f]{32} reused; restore → agent ready/m, show(r));
+      // The VM was made while the CLI resolved the rootfs, and the kernel text came in huge pages.
+      const textMiB = kernelTextRange(requireGuestKernel().vmlinux)!.bytes / 2 ** 20;
+      assert.match(err, new RegExp(`^vmlet run: KVM_CREATE_VM done ahead \\(a VM shell\\); kernel text in 2 MiB pages \\(${textMiB} MiB from the huge-page tmpfs\\)$`, 'm'), show(r));
       assert.ok(err.startsWith('to-stderr\n'), show(r));
       assert.doesNotMatch(r.stdout.toString(), /to-stderr|vmlet run:/);
       assert.equal(templateKeys().length, 1, 'no second template');

@@ -426,6 +426,7 @@ function printStats(ctx: CommandContext, sandbox: Sandbox, t0: number, started: 
   const st = sandbox.stats();
   const exits = Object.entries(st.exits).filter(([, n]) => n > 0).sort((a, b) => b[1] - a[1]);
   const total = exits.reduce((s, [, n]) => s + n, 0);
-  ctx.stderr.write(`vmlet run: VM exits ${total}: ${exits.map(([k, n]) => `${k} ${n}`).join(', ')}; ` +
-    `KVM_CREATE_VM ${st.vmShell ? 'done ahead (a VM shell)' : 'on the start path'}\n`);
+  ctx.stderr.write(`vmlet run: VM exits ${total}: ${exits.map(([k, n]) => `${k} ${n}`).join(', ')}\n`);
+  ctx.stderr.write(`vmlet run: KVM_CREATE_VM ${st.vmShell ? 'done ahead (a VM shell)' : 'on the start path'}` +
+    `${st.memoryOverlayBytes ? `; kernel text in 2 MiB pages (${st.memoryOverlayBytes / 2 ** 20} MiB from the huge-page tmpfs)` : ''}\n`);
 }
