@@ -35,10 +35,8 @@
 #include <cstring>
 #include <ctime>
 #include <deque>
-#include <fstream>
 #include <map>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
@@ -1176,6 +1174,29 @@ void Agent::DropProcess(Process* p) {
   p->gone = true;
 }
 
+// A small file (the kernel command line) read whole with read(2). Not an
+// ifstream: iostreams would link libstdc++'s locale machinery into the static
+// agent, about half its size. False with errno set when it cannot be read.
+bool ReadSmallFile(const std::string& path, std::string* out) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  char buf[4096];
+  for (;;) {
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      int saved = errno;
+      close(fd);
+      errno = saved;
+      return false;
+    }
+    if (n == 0) break;
+    out->append(buf, static_cast<size_t>(n));
+  }
+  close(fd);
+  return true;
+}
+
 int Usage() {
   std::fprintf(stderr,
                "usage: vmlet-agent [--listen unix:/path | --listen vsock:PORT] [--no-init] [--state-dir DIR]\n"
@@ -1218,11 +1239,10 @@ int main(int argc, char** argv) {
     std::vector<std::string> errors;
     MountEarlyFilesystems(&errors);
     for (const std::string& e : errors) Log("%s", e.c_str());
-    std::ifstream f(cmdline_file);
-    if (!f) Log("cannot read %s: no vmlet.layers or vmlet.port settings", cmdline_file.c_str());
-    std::stringstream ss;
-    ss << f.rdbuf();
-    KernelCmdline k = ParseKernelCmdline(ss.str());
+    std::string cmdline;
+    if (!ReadSmallFile(cmdline_file, &cmdline))
+      Log("cannot read %s (%s): no vmlet.layers or vmlet.port settings", cmdline_file.c_str(), std::strerror(errno));
+    KernelCmdline k = ParseKernelCmdline(cmdline);
     layers = k.layers;
     if (listens.empty()) listens.push_back("vsock:" + std::to_string(k.vsock_port ? k.vsock_port : kDefaultVsockPort));
   }

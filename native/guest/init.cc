@@ -1,9 +1,9 @@
 #include "init.h"
 
+#include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
-#include <sstream>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -45,9 +45,17 @@ void MountEarlyFilesystems(std::vector<std::string>* errors) {
 
 KernelCmdline ParseKernelCmdline(const std::string& cmdline) {
   KernelCmdline out;
-  std::istringstream in(cmdline);
-  std::string word;
-  while (in >> word) {
+  // Split on the kernel's own separators by hand: an istringstream would link
+  // libstdc++'s iostreams and locales into the agent (~1 MiB of its static
+  // binary, unpacked from the initramfs on every cold boot).
+  size_t pos = 0;
+  while (pos < cmdline.size()) {
+    while (pos < cmdline.size() && std::isspace(static_cast<unsigned char>(cmdline[pos]))) pos++;
+    size_t end = pos;
+    while (end < cmdline.size() && !std::isspace(static_cast<unsigned char>(cmdline[end]))) end++;
+    if (end == pos) break;
+    std::string word = cmdline.substr(pos, end - pos);
+    pos = end;
     if (word.rfind("vmlet.layers=", 0) == 0) {
       std::string list = word.substr(13);
       size_t start = 0;
