@@ -71,7 +71,37 @@ TEST_CASE("serial: THRE interrupt fires on enable and after each byte; reading I
   u.Out(1, 0x00);
   u.Out(0, 'c');
   EXPECT_EQ(u.irq->count, 3);  // disabled: no interrupt
+  u.dev->Flush();
   EXPECT(u.Log() == "abc");
+}
+
+TEST_CASE("serial: the log gets whole lines; an unfinished one waits for its end, Flush(), a full buffer or the device's end") {
+  std::string path;
+  {
+    Uart u;
+    path = u.path;
+    for (char c : std::string("vmlet-agent: listen")) u.Out(0, static_cast<uint8_t>(c));
+    EXPECT(u.Log().empty());  // no write(2) per byte
+    EXPECT_EQ(u.dev->bytes_written(), uint64_t{19});  // counted as the guest sent them
+    for (char c : std::string("ing\nnext")) u.Out(0, static_cast<uint8_t>(c));
+    EXPECT(u.Log() == "vmlet-agent: listening\n");
+    u.dev->Flush();
+    EXPECT(u.Log() == "vmlet-agent: listening\nnext");
+    u.dev->Flush();  // nothing left: writes nothing twice
+    EXPECT(u.Log() == "vmlet-agent: listening\nnext");
+    // A guest that never ends its line still reaches the log in kLineMax pieces.
+    std::string log = u.Log();
+    for (size_t i = 0; i < Serial::kLineMax; i++) u.Out(0, 'x');
+    EXPECT_EQ(u.Log().size(), log.size() + Serial::kLineMax);
+    u.Out(0, 'y');
+    EXPECT_EQ(u.Log().size(), log.size() + Serial::kLineMax);
+    // The device's end writes the rest.
+    u.dev.reset();
+    std::ifstream f(path, std::ios::binary);
+    std::stringstream ss;
+    ss << f.rdbuf();
+    EXPECT(ss.str() == log + std::string(Serial::kLineMax, 'x') + "y");
+  }
 }
 
 TEST_CASE("serial: DLAB exposes the divisor latch instead of THR/IER, and FIFO enable shows in IIR") {

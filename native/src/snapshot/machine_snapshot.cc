@@ -503,6 +503,7 @@ snapshot::Summary Machine::Snapshot(const std::string& dir) {
   }
   {
     Writer w;
+    serial_->Flush();  // the old VM's log gets its unfinished line before the state is taken
     serial_->SaveState(w);
     add(kSectionSerial, w);
   }
