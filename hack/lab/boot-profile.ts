@@ -1,5 +1,5 @@
 // Where a cold boot of vmlet's guest spends its time, inside the lab only:
-//   hack/kvm-lab run -- node dist/hack/lab/boot-profile.js [--runs N] [--cmdline "..."] [--kernel vmlinux] [--initrd cpio] [--top N]
+//   hack/kvm-lab run -- node dist/hack/lab/boot-profile.js [--runs N] [--cmdline "..."] [--kernel vmlinux] [--initrd cpio] [--top N] [--initcalls]
 //
 // A sampling profile without anything in the guest: L2's timer interrupts that
 // arrive while the guest runs are VM exits of reason `interrupt`, and tracefs'
@@ -9,6 +9,13 @@
 // KVM does for the guest. Boots run from Vm.create() to the agent's ready line
 // on the serial console, with the command line `vmlet run` uses (guestCmdline
 // + quiet) plus --cmdline. Findings are in native/guest/kernel/README.md.
+//
+// --initcalls: the kernel's own view instead. Boots a busybox /init that prints
+// `dmesg`, with `initcall_debug` added to the command line, and lists the
+// initcalls by their mean duration and the kernel clock at key lines. The
+// sampling above over-weights some code (memset-heavy loops); this does not,
+// but initcalls before clocksource_done_booting are timed by jiffies (4 ms steps),
+// and async work (the initramfs unpack) lands in whichever initcall waits.
 import { execFileSync } from 'node:child_process';
 import { constants, existsSync, mkdtempSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { Socket } from 'node:net';
@@ -17,6 +24,7 @@ import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import { Vm } from '../../native/ts/vmm';
 import { agentInitramfs, findGuestKernel, guestCmdline } from '../../shim/sandbox/guest';
+import { buildBusyboxInitramfs } from '../../test/helpers/guest-kernel';
 
 const TRACEFS = '/sys/kernel/tracing';
 /** The agent's console line once its vsock listener is up (native/guest/agent.cc Listen()). */
@@ -87,6 +95,66 @@ async function tracedBoot(kernel: string, initrd: string, cmdline: string): Prom
   }
 }
 
+/** Kernel log lines whose timestamps mark the phases of a boot. */
+const MILESTONES = ['kvm-clock: using sched offset', 'Memory:', 'printk: console', 'APIC: Switch to symmetric', 'devtmpfs: initialized', 'clocksource: Switched to clocksource kvm-clock', 'Freeing unused kernel image (initmem)', 'Run /init'];
+
+/** One boot of a busybox /init that reports on the kernel log; resolves with its serial output. */
+async function dmesgBoot(kernel: string, initrd: string, cmdline: string, dir: string, i: number): Promise<string> {
+  const serialLog = join(dir, `serial-${i}.log`);
+  const vm = await Vm.create({ kernel, initrd, cmdline, memoryMiB: 256, cpus: 1, serialLog, bootProtocol: 'linux' });
+  vm.start();
+  const timer = setTimeout(() => void vm.kill(), BOOT_TIMEOUT_MS);
+  try {
+    const exit = await vm.wait();
+    if (exit.reason !== 'reset') throw new Error(`boot ${i + 1} ended with ${JSON.stringify(exit, (_k, v: unknown) => (typeof v === 'bigint' ? v.toString() : v))}, not the reboot its /init asks for; serial:\n${readFileSync(serialLog, 'latin1').slice(-2000)}`);
+  } finally {
+    clearTimeout(timer);
+  }
+  return readFileSync(serialLog, 'latin1');
+}
+
+async function initcalls(kernel: string, cmdline: string, runs: number, n: number): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'vmlet-boot-initcalls-'));
+  try {
+    // The guest sums and ranks its own initcalls: the whole log over the 8250 is
+    // ~50 KB, one VM exit a byte, and L2 froze under the second such boot twice.
+    const milestones = MILESTONES.map((m) => m.replace(/[()]/g, '.')).join('|');
+    const initrd = buildBusyboxInitramfs(
+      dir,
+      [
+        'mount -t proc proc /proc',
+        'dmesg > /tmp/log',
+        `grep -E '${milestones}' /tmp/log`,
+        `grep ' returned .* after ' /tmp/log | awk '{ t += $(NF-1); print "IC", $(NF-1), $0 } END { print "IC-TOTAL", t }' | sort -k2 -rn | head -${n + 1}`,
+      ].join('\n'),
+    );
+    const full = `${cmdline} initcall_debug`;
+    const durations = new Map<string, number[]>();
+    const marks = new Map<string, number[]>();
+    const totals: number[] = [];
+    for (let i = 0; i < runs; i++) {
+      const log = await dmesgBoot(kernel, initrd, full, dir, i);
+      for (const m of log.matchAll(/^IC \d+ .*initcall (\S+)\+0x[0-9a-f]+\/0x[0-9a-f]+ returned -?\d+ after (\d+) usecs/gm)) {
+        durations.set(m[1], [...(durations.get(m[1]) ?? []), Number(m[2]) / 1000]);
+      }
+      const total = /^IC-TOTAL (\d+)/m.exec(log);
+      if (total) totals.push(Number(total[1]) / 1000);
+      for (const key of MILESTONES) {
+        const m = new RegExp(`\\[\\s*(\\d+\\.\\d+)\\] [^\\n]*${key.replace(/[()]/g, '\\$&')}`).exec(log);
+        if (m) marks.set(key, [...(marks.get(key) ?? []), Number(m[1]) * 1000]);
+      }
+    }
+    const mean = (v: number[]): number => v.reduce((a, b) => a + b, 0) / v.length;
+    console.log(`kernel ${kernel}\ncmdline "${full}"\nbusybox /init ranking dmesg, ${runs} boot(s); kernel clock (ms, mean) at:`);
+    for (const key of MILESTONES) if (marks.has(key)) console.log(`${mean(marks.get(key)!).toFixed(1).padStart(8)}  ${key}`);
+    console.log(`\ninitcalls: ${totals.length ? mean(totals).toFixed(1) : '?'} ms in all per boot (mean); the longest, mean over the boots where each ranked in the top ${n}:`);
+    const rows = [...durations.entries()].map(([k, v]) => [k, mean(v), v.length] as const).sort((a, b) => b[1] - a[1]);
+    for (const [k, v, c] of rows.slice(0, n)) console.log(`${v.toFixed(2).padStart(8)}  ${k}${c < runs ? ` (${c} of ${runs})` : ''}`);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 function top(counts: Map<string, number>, n: number, total: number, per: number): string[] {
   return [...counts.entries()]
     .sort((a, b) => b[1] - a[1])
@@ -102,6 +170,7 @@ async function main(): Promise<void> {
       kernel: { type: 'string' },
       initrd: { type: 'string' },
       top: { type: 'string', default: '30' },
+      initcalls: { type: 'boolean', default: false },
     },
   });
   const runs = Number(values.runs);
@@ -114,6 +183,7 @@ async function main(): Promise<void> {
   const found = findGuestKernel();
   if ('missing' in found) throw new Error(`the guest kernel is not built: ${found.missing}`);
   const kernel = values.kernel ?? found.vmlinux;
+  if (values.initcalls) return initcalls(kernel, guestCmdline(`quiet ${values.cmdline}`), runs, n);
   const initrd = values.initrd ?? agentInitramfs();
   const cmdline = guestCmdline(`quiet ${values.cmdline}`);
   const sym = symbolizer(kernel);
