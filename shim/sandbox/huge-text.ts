@@ -148,6 +148,38 @@ export function hugeTextDir(env: NodeJS.ProcessEnv = process.env): string | null
 }
 
 /**
+ * Removes the huge-page text files of template `key` (what `vmlet templates
+ * prune` calls for each template it removes) and returns the bytes freed.
+ * Looks where hugeTextDir() would, but never mounts: nothing there, nothing to
+ * do. A VM still mapping a removed file keeps its pages until it ends, as with
+ * a removed template's memory file. Half-written files (.tmp) belong to a
+ * writer that is still running and are left to it.
+ */
+export function removeTextFiles(key: string, env: NodeJS.ProcessEnv = process.env): number {
+  const v = env.VMLET_HUGE_TEXT;
+  if (v === '0') return 0;
+  const dir = v !== undefined && v !== '' ? v : DEFAULT_HUGE_TEXT_DIR;
+  let names: string[];
+  try {
+    names = readdirSync(dir);
+  } catch {
+    return 0;
+  }
+  let freed = 0;
+  for (const name of names) {
+    if (!name.startsWith(`${key}-`) || name.endsWith('.tmp')) continue;
+    const path = join(dir, name);
+    try {
+      freed += statSync(path).size;
+      rmSync(path, { force: true });
+    } catch {
+      // Removed meanwhile by another prune or a remade template: gone either way.
+    }
+  }
+  return freed;
+}
+
+/**
  * The file in `dir` holding bytes [range.gpa, range.gpa + range.bytes) of
  * `memoryFile`, written now (copy, then rename: a file present is whole) if
  * absent. Named by `key` and the memory file's inode and mtime, so a template

@@ -195,6 +195,32 @@ describe('vmlet templates', function () {
     assert.deepEqual(store.list(), [key('b')]);
   });
 
+  it('prune removes the kernel-text copies of the templates it removes from the huge-page tmpfs, and only those', async () => {
+    await makeTemplate(store, key('a'), { usedDaysAgo: 10 });
+    await makeTemplate(store, key('b'), { usedDaysAgo: 1 });
+    const text = join(work, 'huge-text');
+    mkdirSync(text);
+    // Named as ensureTextFile() names them: key, memory-file inode and mtime, range.
+    const old = join(text, `${key('a')}-11-22-1000000-800000.text`);
+    const older = join(text, `${key('a')}-10-21-1000000-800000.text`);
+    const writing = join(text, `${key('a')}-12-23-1000000-800000.text.4242.tmp`);
+    const kept = join(text, `${key('b')}-33-44-1000000-800000.text`);
+    for (const f of [old, older, writing, kept]) writeFileSync(f, Buffer.alloc(4096, 1));
+    const r = await cli(['templates', 'prune', '--older-than', '2'], { VMLET_TEMPLATE_DIR: root, VMLET_HUGE_TEXT: text });
+    assert.equal(r.code, 0, r.err);
+    assert.match(r.out, new RegExp(`^removed ${key('a')} \\(.*, 8\\.\\d KB of kernel text from the huge-page tmpfs, last used 10 days ago\\)$`, 'm'));
+    assert.ok(!existsSync(old) && !existsSync(older), 'both copies of the removed template are gone');
+    assert.ok(existsSync(writing), 'a copy still being written belongs to its writer');
+    assert.ok(existsSync(kept), 'the kept template keeps its copy');
+    // VMLET_HUGE_TEXT=0: vmlet never used the tmpfs, so prune does not look there.
+    await makeTemplate(store, key('c'), { usedDaysAgo: 10 });
+    const c = join(text, `${key('c')}-1-2-1000000-800000.text`);
+    writeFileSync(c, Buffer.alloc(4096, 1));
+    const r0 = await cli(['templates', 'prune', '--older-than', '2'], { VMLET_TEMPLATE_DIR: root, VMLET_HUGE_TEXT: '0' });
+    assert.match(r0.out, new RegExp(`^removed ${key('c')} \\([^,]*, last used`, 'm'));
+    assert.ok(existsSync(c));
+  });
+
   it('prune --all removes every template, but not one being made at that moment, which completes', async () => {
     await makeTemplate(store, key('a'));
     let release!: () => void;

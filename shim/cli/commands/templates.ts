@@ -6,6 +6,7 @@ import { Command, humanBytes, OptionValues, stringOpt, UsageError } from '../com
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { FILE_HASH_CACHE, pruneFileHashes } from '../../sandbox/template-pool';
+import { removeTextFiles } from '../../sandbox/huge-text';
 import { TemplateEntry, TemplateStore } from '../../sandbox/template-store';
 import { templateRoot } from './run';
 
@@ -70,7 +71,8 @@ export const templates: Command = {
     '',
     'Templates live in $VMLET_TEMPLATE_DIR, else <root>/templates (/var/lib/vmlet/templates).',
     'A template another process is making right now is left alone (its lock is held); microVMs',
-    'already restored from a removed template keep running.',
+    'already restored from a removed template keep running. A removed template\'s kernel text',
+    'copy on the huge-page tmpfs ($VMLET_HUGE_TEXT, else /run/vmlet/huge-text) goes with it.',
   ],
   async run(values, positionals, ctx) {
     const [sub, ...rest] = positionals;
@@ -91,7 +93,10 @@ export const templates: Command = {
         if (outcome === 'removed') {
           removed++;
           freed += t.diskBytes;
-          ctx.stdout.write(`removed ${t.key} (${humanBytes(t.diskBytes)}, last used ${age(t.lastUsedMs, Date.now())})\n`);
+          // Its kernel text copy on the huge-page tmpfs (shim/sandbox/huge-text.ts) goes with it: RAM, not disk.
+          const text = removeTextFiles(t.key);
+          const textNote = text > 0 ? `, ${humanBytes(text)} of kernel text from the huge-page tmpfs` : '';
+          ctx.stdout.write(`removed ${t.key} (${humanBytes(t.diskBytes)}${textNote}, last used ${age(t.lastUsedMs, Date.now())})\n`);
         } else if (outcome === 'being-made') {
           ctx.stdout.write(`kept ${t.key}: another process is making it now\n`);
         }
