@@ -10,9 +10,10 @@
 // on the serial console, with the command line `vmlet run` uses (guestCmdline
 // + quiet) plus --cmdline. Findings are in native/guest/kernel/README.md.
 //
-// --initcalls: the kernel's own view instead. Boots a busybox /init that prints
-// `dmesg`, with `initcall_debug` added to the command line, and lists the
-// initcalls by their mean duration and the kernel clock at key lines. The
+// --initcalls: the kernel's own view instead. Boots a busybox /init that ranks
+// the kernel log's initcalls itself (`initcall_debug` added to the command
+// line) and prints the top --top and the kernel clock at key lines; listed by
+// mean duration over the boots. The
 // sampling above over-weights some code (memset-heavy loops); this does not,
 // but initcalls before clocksource_done_booting are timed by jiffies (4 ms steps),
 // and async work (the initramfs unpack) lands in whichever initcall waits.
