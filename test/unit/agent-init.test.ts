@@ -81,7 +81,8 @@ describe('agent: as PID 1 with vmlet.layers= on the kernel command line', functi
     layers = buildTestLayers();
     agent = await startAgent({
       asPid1: true,
-      kernelCmdline: `console=ttyS0 quiet vmlet.layers=${layers.layer1},${layers.layer2} vmlet.port=1024\n`,
+      // Runs of spaces and tabs, as a hand-written command line may have: the agent splits on any whitespace.
+      kernelCmdline: `console=ttyS0  quiet\tvmlet.layers=${layers.layer1},${layers.layer2} \t vmlet.port=1024\n`,
     });
     client = await agent.connect();
   });
