@@ -148,6 +148,15 @@ export function hugeTextDir(env: NodeJS.ProcessEnv = process.env): string | null
 }
 
 /**
+ * Whether `name` is a finished text file of template `key`, as ensureTextFile()
+ * names them (`<key>-<inode>-<mtime>-<gpa>-<bytes>.text`); a `.tmp` is one still
+ * being written and belongs to its writer.
+ */
+function isTextFileOf(name: string, key: string): boolean {
+  return name.startsWith(`${key}-`) && !name.endsWith('.tmp');
+}
+
+/**
  * Removes the huge-page text files of template `key` (what `vmlet templates
  * prune` calls for each template it removes) and returns the bytes freed.
  * Looks where hugeTextDir() would, but never mounts: nothing there, nothing to
@@ -167,7 +176,7 @@ export function removeTextFiles(key: string, env: NodeJS.ProcessEnv = process.en
   }
   let freed = 0;
   for (const name of names) {
-    if (!name.startsWith(`${key}-`) || name.endsWith('.tmp')) continue;
+    if (!isTextFileOf(name, key)) continue;
     const path = join(dir, name);
     try {
       freed += statSync(path).size;
@@ -212,6 +221,6 @@ export function ensureTextFile(dir: string, key: string, memoryFile: string, ran
   } finally {
     closeSync(src);
   }
-  for (const other of readdirSync(dir)) if (other.startsWith(`${key}-`) && other !== name && !other.endsWith('.tmp')) rmSync(join(dir, other), { force: true });
+  for (const other of readdirSync(dir)) if (other !== name && isTextFileOf(other, key)) rmSync(join(dir, other), { force: true });
   return path;
 }
