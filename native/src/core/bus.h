@@ -37,8 +37,8 @@ class Bus {
   std::map<uint64_t, Range> ranges_;
 };
 
-// An interrupt a device can raise from any thread. On KVM this is an irqfd
-// (an eventfd write: thread-safe, no ioctl on the hot path); tests count calls.
+// An interrupt a device can raise from any thread: an edge on its GSI. On
+// KVM a KVM_IRQ_LINE pulse (kvm/kvm.h IrqIoctlLine); tests count calls.
 class IrqLine {
  public:
   virtual ~IrqLine() = default;

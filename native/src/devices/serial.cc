@@ -66,7 +66,7 @@ bool Serial::InterruptPending() const {
   return ((ier_ & kIerThre) && thre_pending_) || ((ier_ & kIerRda) && !rx_.empty());
 }
 
-// The line is an edge (irqfd pulse): raise it when a condition newly appears.
+// The line is an edge (a KVM_IRQ_LINE pulse): raise it when a condition newly appears.
 void Serial::UpdateInterrupt(bool was_pending) {
   if (!was_pending && InterruptPending() && irq_) irq_->Trigger();
 }

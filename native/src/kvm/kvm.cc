@@ -1,7 +1,6 @@
 #include "kvm/kvm.h"
 
 #include <fcntl.h>
-#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 
@@ -27,7 +26,6 @@ struct RequiredCap {
 constexpr RequiredCap kRequiredCaps[] = {
     {KVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP (in-kernel PIC/IOAPIC/LAPIC)"},
     {KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY (memslots)"},
-    {KVM_CAP_IRQFD, "KVM_CAP_IRQFD (device interrupts)"},
     {KVM_CAP_SET_TSS_ADDR, "KVM_CAP_SET_TSS_ADDR"},
     {KVM_CAP_PIT2, "KVM_CAP_PIT2 (in-kernel PIT)"},
     {KVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID (KVM_GET_SUPPORTED_CPUID)"},
@@ -98,30 +96,24 @@ Kvm::~Kvm() {
 
 int Kvm::CheckExtension(long cap) const { return ioctl(fd_, KVM_CHECK_EXTENSION, cap); }
 
-IrqFdLine::IrqFdLine(int vm_fd, uint32_t gsi) : gsi_(gsi) {
-  efd_ = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-  if (efd_ < 0) throw SysError(ErrorKind::Kvm, "eventfd for GSI " + std::to_string(gsi));
-  kvm_irqfd req{};
-  req.fd = static_cast<uint32_t>(efd_);
-  req.gsi = gsi;
-  if (ioctl(vm_fd, KVM_IRQFD, &req) != 0) {
-    auto e = SysError(ErrorKind::Kvm, "KVM_IRQFD", "GSI " + std::to_string(gsi));
-    close(efd_);
-    throw e;
-  }
+IrqIoctlLine::IrqIoctlLine(int vm_fd, uint32_t gsi) : gsi_(gsi) {
+  vm_fd_ = fcntl(vm_fd, F_DUPFD_CLOEXEC, 0);
+  if (vm_fd_ < 0) throw SysError(ErrorKind::Kvm, "dup the VM fd for GSI " + std::to_string(gsi));
 }
 
-// Closing the eventfd is enough: KVM drops the irqfd when it sees the hang-up,
-// and the VM fd may already be gone at this point.
-IrqFdLine::~IrqFdLine() {
-  if (efd_ >= 0) close(efd_);
+IrqIoctlLine::~IrqIoctlLine() {
+  if (vm_fd_ >= 0) close(vm_fd_);
 }
 
-void IrqFdLine::Trigger() {
-  uint64_t one = 1;
-  // EAGAIN means the counter is saturated: an interrupt is pending anyway.
-  ssize_t r = write(efd_, &one, sizeof one);
-  (void)r;
+// An edge, as KVM's own irqfd injection makes it: assert, then deassert.
+// The PIC/IOAPIC latch the edge at the assert.
+void IrqIoctlLine::Trigger() {
+  kvm_irq_level line{};
+  line.irq = gsi_;
+  line.level = 1;
+  (void)ioctl(vm_fd_, KVM_IRQ_LINE, &line);
+  line.level = 0;
+  (void)ioctl(vm_fd_, KVM_IRQ_LINE, &line);
 }
 
 namespace {

@@ -61,18 +61,25 @@ class Kvm {
   std::vector<uint32_t> msrs_;
 };
 
-// An interrupt line driven through KVM_IRQFD: Trigger() is one eventfd write,
-// safe from any thread, no ioctl on the hot path. The eventfd closes with the
-// last owner (a device may hold it past the bus).
-class IrqFdLine : public IrqLine {
+// An interrupt line pulsed with KVM_IRQ_LINE on the calling thread (the vCPU
+// thread for the 8250, a device thread for virtio), safe from any thread.
+// Not an irqfd: our GSIs are PIC/IOAPIC pins, and for those an eventfd
+// signal cannot inject from its wake-up (x86 does that for MSI routes only),
+// so KVM hands every pulse to a kworker: one more thread to wake per
+// interrupt. On a host with a CPU to spare that is latency; on one without
+// (the lab's single CPU, 2026-11-28) the guest HLTs until the kworker gets
+// the CPU: two 5-6 ms HLTs inside the agent's 37-byte ready line. The ioctl
+// injects before the caller returns, as QEMU's microvm does for its
+// virtio-mmio lines. Holds its own duplicate of the VM fd, so a device that
+// outlives the Machine never pulses a reused fd number.
+class IrqIoctlLine : public IrqLine {
  public:
-  IrqFdLine(int vm_fd, uint32_t gsi);
-  ~IrqFdLine() override;
+  IrqIoctlLine(int vm_fd, uint32_t gsi);
+  ~IrqIoctlLine() override;
   void Trigger() override;
-  uint32_t gsi() const { return gsi_; }
 
  private:
-  int efd_ = -1;
+  int vm_fd_ = -1;
   uint32_t gsi_;
 };
 

@@ -221,7 +221,7 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
   if (ioctl(vm_fd_, KVM_CREATE_PIT2, &pit) != 0) throw SysError(ErrorKind::Kvm, "KVM_CREATE_PIT2");
 
   // Legacy devices on the port bus.
-  serial_ = std::make_shared<devices::Serial>(config.serial_log, std::make_shared<IrqFdLine>(vm_fd_, devices::Serial::kIrq));
+  serial_ = std::make_shared<devices::Serial>(config.serial_log, std::make_shared<IrqIoctlLine>(vm_fd_, devices::Serial::kIrq));
   pio_.Insert(devices::Serial::kBase, devices::Serial::kSize, serial_);
   pio_.Insert(devices::DebugExit::kBase, devices::DebugExit::kSize, std::make_shared<devices::DebugExit>([this](uint32_t code) {
                 VmExit e;
@@ -247,14 +247,14 @@ void Machine::Build(const MachineConfig& config, const snapshot::Image* image) {
     uint64_t base = boot::kVirtioMmioBase + slot_index * boot::kVirtioMmioStride;
     uint32_t gsi = boot::kVirtioFirstGsi + slot_index;
     // KVM's default routing reaches IOAPIC pins 0..23 only: a GSI beyond
-    // would take an irqfd whose interrupts go nowhere.
+    // would take a line whose interrupts go nowhere.
     if (gsi >= boot::kIoapicPins)
       throw VmmError(ErrorKind::InvalidArgument, "create VM",
                      "more than " + std::to_string(boot::kIoapicPins - boot::kVirtioFirstGsi) +
                          " virtio devices: GSIs 5..23 are all taken; use fewer disks");
     std::shared_ptr<IoEventBinder> binder;
     if (ioeventfd) binder = std::make_shared<IoEventFdBinder>(vm_fd_, base);
-    auto transport = std::make_shared<MmioTransport>(dev, mem_.get(), std::make_shared<IrqFdLine>(vm_fd_, gsi), binder);
+    auto transport = std::make_shared<MmioTransport>(dev, mem_.get(), std::make_shared<IrqIoctlLine>(vm_fd_, gsi), binder);
     if (!mmio_.Insert(base, MmioTransport::kWindowSize, transport))
       throw VmmError(ErrorKind::Device, "insert virtio-mmio device", "window " + Hex(base) + " overlaps another");
     virtio_devices_.push_back(std::move(dev));
@@ -754,7 +754,7 @@ VmExit Machine::Teardown() {
 }
 
 void Machine::ReleaseResources() {
-  // Devices first (they may own threads and hold guest memory and irqfds),
+  // Devices first (they may own threads and hold guest memory and IRQ lines),
   // then vCPUs, the VM, and RAM last: nothing may touch RAM once it is unmapped.
   // The vCPUs are joined: these are the last values, read before the fds go.
   if (kvm_stats_) kvm_stats_->Freeze();
