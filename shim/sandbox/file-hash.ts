@@ -19,11 +19,22 @@ export const FILE_HASH_CACHE = '.file-hashes';
  */
 const RACY_NS = 2_000_000_000n;
 
-/** The on-disk cache entry of a file's current version: every stat field a rewrite changes. */
-function hashCacheEntry(cacheDir: string, path: string): { file: string; id: string; changedNs: bigint } {
+/**
+ * A file's current version: every stat field a rewrite changes (ctime too: a
+ * rewrite that puts the old mtime back, as `touch -r` or an archive unpack
+ * does, still moves it), and when it last changed.
+ */
+function fileVersion(path: string): { id: string; changedNs: bigint } {
   const st = statSync(path, { bigint: true });
-  const id = `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeNs}\0${st.ctimeNs}`;
-  return { file: join(cacheDir, createHash('sha256').update(id).digest('hex').slice(0, 40)), id, changedNs: st.ctimeNs > st.mtimeNs ? st.ctimeNs : st.mtimeNs };
+  return {
+    id: `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeNs}\0${st.ctimeNs}`,
+    changedNs: st.ctimeNs > st.mtimeNs ? st.ctimeNs : st.mtimeNs,
+  };
+}
+
+/** The on-disk cache entry of a file version. */
+function cacheFile(cacheDir: string, id: string): string {
+  return join(cacheDir, createHash('sha256').update(id).digest('hex').slice(0, 40));
 }
 
 /**
@@ -47,23 +58,24 @@ export function sha256FileBytes(path: string): string {
 }
 
 /**
- * SHA-256 of a file's bytes. Memoised per (path, device, inode, size, mtime)
- * in this process, and, given a cacheDir, on disk across processes: the key
- * needs the kernel (tens of MiB), the addon and every image layer, and every
- * `vmlet run` is a new process; in the lab (TCG) hashing them took longer than
- * the restore itself.
+ * SHA-256 of a file's bytes. Memoised per file version (fileVersion) in this
+ * process, and, given a cacheDir, on disk across processes: the key needs the
+ * kernel (tens of MiB), the addon and every image layer, and every `vmlet run`
+ * is a new process; in the lab (TCG) hashing them took longer than the restore
+ * itself. A file changed in the last RACY_NS is hashed but remembered in
+ * neither place: the shim and the CRI server live for days, and a same-size
+ * rewrite inside one timestamp tick would otherwise be served the old digest.
  */
 export function sha256File(path: string, cacheDir?: string): string {
-  const st = statSync(path);
-  const memo = `${path}\0${st.dev}\0${st.ino}\0${st.size}\0${st.mtimeMs}`;
-  const known = fileHashes.get(memo);
+  const version = fileVersion(path);
+  const known = fileHashes.get(version.id);
   if (known) return known;
-  const entry = cacheDir ? hashCacheEntry(cacheDir, path) : undefined;
+  const entry = cacheDir ? cacheFile(cacheDir, version.id) : undefined;
   if (entry) {
     try {
-      const cached = JSON.parse(readFileSync(entry.file, 'utf8')) as { id?: string; sha256?: string };
-      if (cached.id === entry.id && typeof cached.sha256 === 'string' && /^[0-9a-f]{64}$/.test(cached.sha256)) {
-        fileHashes.set(memo, cached.sha256);
+      const cached = JSON.parse(readFileSync(entry, 'utf8')) as { id?: string; sha256?: string };
+      if (cached.id === version.id && typeof cached.sha256 === 'string' && /^[0-9a-f]{64}$/.test(cached.sha256)) {
+        fileHashes.set(version.id, cached.sha256);
         return cached.sha256;
       }
     } catch {
@@ -71,14 +83,15 @@ export function sha256File(path: string, cacheDir?: string): string {
     }
   }
   const digest = sha256FileBytes(path);
-  fileHashes.set(memo, digest);
-  if (entry && BigInt(Date.now()) * 1_000_000n - entry.changedNs > RACY_NS) {
+  if (BigInt(Date.now()) * 1_000_000n - version.changedNs <= RACY_NS) return digest;
+  fileHashes.set(version.id, digest);
+  if (entry) {
     try {
       mkdirSync(cacheDir as string, { recursive: true, mode: 0o700 });
       // Written aside and renamed: a reader never sees half an entry.
-      const tmp = `${entry.file}.${process.pid}.tmp`;
-      writeFileSync(tmp, JSON.stringify({ id: entry.id, sha256: digest }));
-      renameSync(tmp, entry.file);
+      const tmp = `${entry}.${process.pid}.tmp`;
+      writeFileSync(tmp, JSON.stringify({ id: version.id, sha256: digest }));
+      renameSync(tmp, entry);
     } catch (e) {
       templateLog.debug(`cannot cache the hash of ${path} in ${cacheDir}: ${(e as Error).message}`);
     }
@@ -105,7 +118,7 @@ export function pruneFileHashes(cacheDir: string): number {
     try {
       const { id } = JSON.parse(readFileSync(file, 'utf8')) as { id: string };
       const path = id.split('\0')[0];
-      stale = hashCacheEntry(cacheDir, path).file !== file;
+      stale = cacheFile(cacheDir, fileVersion(path).id) !== file;
     } catch {
       // Unreadable, or its file is gone: stale.
     }

@@ -3,7 +3,7 @@
 // KVM and a Linux guest: test/lab/template-pool.test.ts.
 import { strict as assert } from 'node:assert';
 import { createHash } from 'node:crypto';
-import { existsSync, mkdtempSync, readFileSync, rmSync, utimesSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync, statSync, utimesSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { hostCpuFingerprint, isSnapshotCorrupt, sha256File, TemplatePool, templateInputs } from '../../shim/sandbox/template-pool';
@@ -54,6 +54,23 @@ describe('template pool: keys', function () {
     const t = new Date(Date.now() + 5000);
     utimesSync(f, t, t);
     assert.equal(sha256File(f), createHash('sha256').update('kernel six, longer').digest('hex'));
+  });
+
+  it('a same-size rewrite that puts the old mtime back is hashed anew, in one process and across processes', () => {
+    const cache = join(work, 'hash-cache');
+    for (const dir of [undefined, cache]) {
+      const f = join(work, `layer-${dir ? 'cached' : 'memo'}`);
+      writeFileSync(f, 'layer one');
+      // Settled (older than the racy window): this hash is remembered.
+      const old = new Date(Math.floor(Date.now() / 1000) * 1000 - 60_000);
+      utimesSync(f, old, old);
+      assert.equal(sha256File(f, dir), createHash('sha256').update('layer one').digest('hex'));
+      // Same inode, size and mtime: only the ctime moved.
+      writeFileSync(f, 'layer two');
+      utimesSync(f, old, old);
+      assert.equal(statSync(f).mtimeMs, old.getTime());
+      assert.equal(sha256File(f, dir), createHash('sha256').update('layer two').digest('hex'));
+    }
   });
 
   it('a template key changes with the kernel, the initrd, cpus, memory, the command line, the number of disk slots', function () {
