@@ -103,7 +103,7 @@ describe('vm resource release on /dev/kvm', function () {
     for (let i = 0; i < 6; i++) await streamOne(i);
     const after = usage();
     console.log(`      usage before ${JSON.stringify(before)}, after 6 streaming VMs ${JSON.stringify(after)}`);
-    assert.equal(after.fds, before.fds, 'file descriptors (notify eventfds, irqfds, sockets)');
+    assert.equal(after.fds, before.fds, 'file descriptors (notify eventfds, the IRQ lines\' VM fd duplicates, sockets)');
     assert.equal(after.threads, before.threads, 'threads (vsock event loops)');
     assert.equal(after.vcpuThreads, 0, 'vCPU threads');
   });
