@@ -106,7 +106,10 @@ IrqIoctlLine::~IrqIoctlLine() {
 }
 
 // An edge, as KVM's own irqfd injection makes it: assert, then deassert.
-// The PIC/IOAPIC latch the edge at the assert.
+// The PIC/IOAPIC latch the edge at the assert. The results are not checked:
+// the ioctl cannot fail once the irqchip exists (Machine::Build makes it
+// before any line) for a GSI below its 24 pins, and the callers (device
+// threads, a vCPU's port write) would have no one to report an error to.
 void IrqIoctlLine::Trigger() {
   kvm_irq_level line{};
   line.irq = gsi_;
