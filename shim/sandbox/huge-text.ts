@@ -116,6 +116,17 @@ export function isHugeTmpfs(dir: string): boolean {
 }
 
 /**
+ * What VMLET_HUGE_TEXT says, for both the restores (hugeTextDir) and prune
+ * (removeTextFiles): null when it is 0 (off), else the directory and whether
+ * the user named it (unset or empty: DEFAULT_HUGE_TEXT_DIR).
+ */
+function configuredTextDir(env: NodeJS.ProcessEnv): { dir: string; named: boolean } | null {
+  const v = env.VMLET_HUGE_TEXT;
+  if (v === '0') return null;
+  return v !== undefined && v !== '' ? { dir: v, named: true } : { dir: DEFAULT_HUGE_TEXT_DIR, named: false };
+}
+
+/**
  * The directory for huge-page text files, or null (then restores map RAM from
  * the memory file alone). VMLET_HUGE_TEXT=0 turns it off; another value names
  * a directory that must be on a tmpfs mounted huge=always or huge=within_size.
@@ -123,16 +134,16 @@ export function isHugeTmpfs(dir: string): boolean {
  * when it is not yet and this process may mount; else null.
  */
 export function hugeTextDir(env: NodeJS.ProcessEnv = process.env): string | null {
-  const v = env.VMLET_HUGE_TEXT;
-  if (v === '0') return null;
-  if (v !== undefined && v !== '') {
-    if (!existsSync(v) || !isHugeTmpfs(v)) {
-      templateLog.warn(`VMLET_HUGE_TEXT=${v} is not a directory on a tmpfs mounted huge=always: restores map kernel text in 4 KiB pages`);
+  const where = configuredTextDir(env);
+  if (!where) return null;
+  const { dir } = where;
+  if (where.named) {
+    if (!existsSync(dir) || !isHugeTmpfs(dir)) {
+      templateLog.warn(`VMLET_HUGE_TEXT=${dir} is not a directory on a tmpfs mounted huge=always: restores map kernel text in 4 KiB pages`);
       return null;
     }
-    return v;
+    return dir;
   }
-  const dir = DEFAULT_HUGE_TEXT_DIR;
   if (existsSync(dir) && isHugeTmpfs(dir)) return dir;
   try {
     mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -165,9 +176,9 @@ function isTextFileOf(name: string, key: string): boolean {
  * writer that is still running and are left to it.
  */
 export function removeTextFiles(key: string, env: NodeJS.ProcessEnv = process.env): number {
-  const v = env.VMLET_HUGE_TEXT;
-  if (v === '0') return 0;
-  const dir = v !== undefined && v !== '' ? v : DEFAULT_HUGE_TEXT_DIR;
+  const where = configuredTextDir(env);
+  if (!where) return 0;
+  const { dir } = where;
   let names: string[];
   try {
     names = readdirSync(dir);
